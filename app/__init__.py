@@ -1,0 +1,1 @@
+"""The shira-studio web app: one loaded SDXL pipeline, SHiRA adapters swapped in place."""

@@ -1,0 +1,58 @@
+"""``python -m app``: start the studio."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEMO = "demo"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description=(
+            "shira-studio: load an SDXL pipeline once, then swap SHiRA adapters in place between "
+            "generations. Runs offline on a CPU with --model demo."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        default=DEMO,
+        help="'demo' (tiny built-in pipeline, no download), a hub id, a local diffusers folder, or a "
+        "single-file .safetensors checkpoint",
+    )
+    parser.add_argument("--adapters-dir", default=None, help="folder scanned for SHiRA .safetensors adapters")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the studio to your network")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    parser.add_argument("--share", action="store_true", help="create a public share link (off by default)")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
+        help="weight dtype (auto: fp16 on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter file accepted")
+    args = parser.parse_args(argv)
+    if args.auth is not None and ":" not in args.auth:
+        parser.error("--auth must look like user:password")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from .studio import Studio, build_ui, load_pipeline
+
+    try:
+        pipe, label = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError) as err:
+        sys.exit(f"cannot load --model {args.model!r}: {err}")
+    studio = Studio(pipe, label, max_bytes=args.max_upload_mb * 2**20)
+    if args.adapters_dir:
+        for line in studio.scan(args.adapters_dir):
+            print(line)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    build_ui(studio).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)

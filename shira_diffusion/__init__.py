@@ -1,0 +1,26 @@
+"""shira_diffusion: Sparse High Rank Adapters (SHiRA) for SDXL, switched and fused in place."""
+
+from .adapter import COMPONENTS, AdapterError, SparseAdapter, SparseDelta
+from .engine import ShiraEngine
+from .masks import MASK_KINDS, budget, calibration_scores, make_mask, make_masks
+from .metrics import interference
+from .targets import DEFAULT_TARGETS, find_targets, fingerprint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COMPONENTS",
+    "DEFAULT_TARGETS",
+    "MASK_KINDS",
+    "AdapterError",
+    "ShiraEngine",
+    "SparseAdapter",
+    "SparseDelta",
+    "budget",
+    "calibration_scores",
+    "find_targets",
+    "fingerprint",
+    "interference",
+    "make_mask",
+    "make_masks",
+]

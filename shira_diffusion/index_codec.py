@@ -1,0 +1,80 @@
+"""Compact storage for sorted, unique flat indices.
+
+A SHiRA file is mostly values; the indices must cost less than the values do, or the sparse
+adapter loses its size advantage over LoRA. Indices are stored as gaps (``g_i = idx_i -
+idx_{i-1}``, with ``idx_{-1} = -1`` so every gap is >= 1) written in b-bit units: a gap ``g`` is
+``(g - 1) // cap`` zero units followed by one non-zero unit ``r``, where ``cap = 2**b - 1``.
+Eight units pack into ``b`` bytes, so the stream is a ``(groups, b)`` uint8 tensor whose shape
+carries ``b``. The encoder picks ``b`` per weight: about 7 bits per index at 2 % density, and
+``b = 1`` degenerates into a plain bitmap for dense masks.
+
+Decoding is a handful of vectorised tensor ops and a cumulative sum; no Python loop runs per
+index. Sortedness and uniqueness hold by construction, so a decoded stream only needs a count
+and a range check.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SHIFTS = {bits: torch.arange(0, 8 * bits, bits, dtype=torch.int64) for bits in range(1, 9)}
+
+
+class IndexCodecError(ValueError):
+    """The packed stream does not decode to the expected indices."""
+
+
+def _units_per_gap(gaps: torch.Tensor, bits: int) -> torch.Tensor:
+    return (gaps - 1) // ((1 << bits) - 1) + 1
+
+
+def encode(indices: torch.Tensor) -> torch.Tensor:
+    """Pack sorted unique non-negative indices into the smallest ``(groups, bits)`` uint8 stream."""
+    idx = indices.detach().to("cpu", torch.int64).reshape(-1)
+    gaps = torch.diff(idx, prepend=idx.new_tensor([-1]))
+    if gaps.numel() and int(gaps.min()) < 1:
+        raise IndexCodecError("indices must be sorted, unique and non-negative")
+
+    def packed_bytes(bits: int) -> int:
+        units = int(_units_per_gap(gaps, bits).sum()) if gaps.numel() else 0
+        return -(-units // 8) * bits
+
+    bits = min(range(1, 9), key=lambda b: (packed_bytes(b), -b))
+    cap = (1 << bits) - 1
+    per_gap = _units_per_gap(gaps, bits)
+    total = int(per_gap.sum()) if gaps.numel() else 0
+    groups = -(-total // 8)
+    units = torch.zeros(groups * 8, dtype=torch.int64)
+    if total:
+        ends = torch.cumsum(per_gap, 0) - 1
+        units[ends] = gaps - (per_gap - 1) * cap
+    words = (units.view(groups, 8) << _SHIFTS[bits]).sum(dim=1, keepdim=True)
+    return words.view(torch.uint8).view(groups, 8)[:, :bits].contiguous()
+
+
+def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
+    """Unpack a stream made by :func:`encode`; checks it holds ``count`` indices below ``numel``.
+
+    Returns int32 indices when ``numel`` fits, int64 otherwise.
+    """
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or not 1 <= packed.shape[1] <= 8:
+        raise IndexCodecError(
+            f"index stream must be a (groups, bits) uint8 tensor with 1 <= bits <= 8, got "
+            f"{tuple(packed.shape)} {packed.dtype}"
+        )
+    groups, bits = packed.shape
+    cap = (1 << bits) - 1
+    padded = torch.zeros(groups, 8, dtype=torch.uint8)
+    padded[:, :bits] = packed
+    # int32 halves the memory traffic of the scan; the running sum bounds the largest index.
+    sum_dtype = torch.int32 if groups * 8 * cap < 2**31 else torch.int64
+    units = ((padded.view(torch.int64) >> _SHIFTS[bits]) & cap).view(-1).to(sum_dtype)
+    is_end = units != 0
+    units.masked_fill_(~is_end, cap)
+    indices = torch.masked_select(units.cumsum_(0), is_end)
+    if indices.numel() != count:
+        raise IndexCodecError(f"indices/values length mismatch: {indices.numel()} indices for {count} values")
+    indices -= 1
+    if count and int(indices[-1]) >= numel:
+        raise IndexCodecError(f"index out of range: {int(indices[-1])} >= {numel} entries")
+    return indices.to(torch.int32 if numel < 2**31 else torch.int64)

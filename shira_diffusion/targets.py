@@ -1,0 +1,95 @@
+"""Which weights of an SDXL pipeline a SHiRA adapter touches, and how to find them by key.
+
+Works on any mapping ``{component: nn.Module}`` (or anything with ``unet`` / ``text_encoder`` /
+``text_encoder_2`` attributes, such as a diffusers pipeline) without importing diffusers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .adapter import COMPONENTS, AdapterError, split_key
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "unet": UNET_TARGETS,
+    "text_encoder": TEXT_ENCODER_TARGETS,
+    "text_encoder_2": TEXT_ENCODER_TARGETS,
+}
+
+
+def pipeline_components(pipe_or_components: Any) -> dict[str, nn.Module]:
+    """``{component: module}`` for the adaptable components present (a pipeline or a mapping)."""
+    if isinstance(pipe_or_components, Mapping):
+        found = dict(pipe_or_components)
+    else:
+        found = {c: getattr(pipe_or_components, c, None) for c in COMPONENTS}
+    unknown = sorted(set(found) - set(COMPONENTS))
+    if unknown:
+        raise AdapterError(f"unknown component {unknown[0]!r}; expected one of {COMPONENTS}")
+    return {c: m for c, m in found.items() if m is not None}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_targets(
+    pipe_or_components: Any,
+    targets: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
+) -> dict[str, nn.Parameter]:
+    """Weights to adapt, as ``{"<component>.<module path>": weight}`` in module order.
+
+    ``targets`` maps components to name patterns (a suffix like ``"to_out.0"`` or a regex
+    written ``"re:..."``); a plain list of components uses each one's default patterns. The
+    default is the UNet's attention projections only.
+    """
+    components = pipeline_components(pipe_or_components)
+    if targets is None:
+        targets = {"unet": UNET_TARGETS}
+    elif not isinstance(targets, Mapping):
+        targets = {c: DEFAULT_TARGETS[c] if c in DEFAULT_TARGETS else () for c in targets}
+    found: dict[str, nn.Parameter] = {}
+    for component, patterns in targets.items():
+        if component not in COMPONENTS:
+            raise AdapterError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+        if component not in components:
+            raise AdapterError(f"the model has no {component!r} to adapt")
+        for name, module in components[component].named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and any(_matches(name, p) for p in patterns):
+                found[f"{component}.{name}"] = weight
+    return found
+
+
+def resolve_weight(components: Mapping[str, nn.Module], key: str) -> nn.Parameter:
+    """The weight a key names (``"unet.<module path>"``), or :class:`AdapterError` saying why not."""
+    component, path = split_key(key)
+    if component not in components:
+        raise AdapterError(f"{key}: the model has no {component!r}")
+    try:
+        module = components[component].get_submodule(path)
+    except AttributeError:
+        raise AdapterError(f"{key}: no such module in the model's {component}") from None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise AdapterError(f"{key}: module {type(module).__name__} has no weight tensor")
+    return weight
+
+
+def fingerprint(weights: Mapping[str, torch.Tensor | Sequence[int]]) -> str:
+    """A short hash of the targeted weights' names and shapes: tells which base an adapter fits."""
+    lines = []
+    for name in sorted(weights):
+        w = weights[name]
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w)
+        lines.append(f"{name}:{'x'.join(map(str, shape))}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]

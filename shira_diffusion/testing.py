@@ -1,0 +1,238 @@
+"""SDXL-architecture models built offline, for tests, benchmarks and the no-download demo.
+
+``tiny_sdxl_pipeline`` is a complete ``StableDiffusionXLPipeline`` (two CLIP text encoders, a
+tokenizer over a vocabulary written here, a UNet with ``text_time`` conditioning, a VAE) small
+enough to generate 64x64 images on a CPU in seconds. ``sdxl_unet`` is the full-size SDXL-base UNet
+with random weights: real shapes and layer counts for timing and memory, no download.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+# The SDXL 1.0 base UNet configuration (diffusers format).
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+
+def sdxl_unet(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+    """The full-size SDXL-base UNet with random weights, built in seconds.
+
+    Modules are created on the meta device (skipping diffusers' slow default init), then
+    materialised and filled with small normal noise. ``device="meta"`` returns it unmaterialised,
+    which is enough to count layers and shapes.
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SDXL_UNET_CONFIG)
+    # nn.Module.to: diffusers' own .to() warns about fp32-only modules, which SDXL's UNet has none of
+    torch.nn.Module.to(unet, dtype)
+    if str(device) == "meta":
+        return unet
+    unet = unet.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    unet.eval().requires_grad_(False)
+    return unet
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 style byte -> printable character map that CLIP's byte-level BPE expects."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def tiny_clip_tokenizer(max_length: int = 77):
+    """A CLIP tokenizer whose vocabulary is every byte (alone and word-final) plus a few merges."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for ch in _bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+    for ch in _bytes_to_unicode().values():
+        vocab[ch + "</w>"] = len(vocab)
+    merges = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("o", "n</w>")]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """A tiny UNet2DConditionModel with SDXL's layout (``text_time`` conditioning, 2 blocks)."""
+    from diffusers import UNet2DConditionModel
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
+            cross_attention_dim=64,  # 32 + 32 from the two text encoders
+            norm_num_groups=1,
+        )
+    return unet.eval().requires_grad_(False)
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
+    """The modules of :func:`tiny_sdxl_pipeline`, seeded so that equal seeds give equal weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer()
+    unet = tiny_sdxl_unet(seed)
+    with _seeded(seed):
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            latent_channels=4,
+            norm_num_groups=1,
+            sample_size=64,
+        )
+        text_config = CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(tokenizer),
+            hidden_act="gelu",
+            projection_dim=32,
+        )
+        text_encoder = CLIPTextModel(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    for module in (vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tiny_clip_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A tiny random-weight ``StableDiffusionXLPipeline``; 64x64 output, fully offline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def random_adapter(
+    weights: dict[str, torch.Tensor],
+    kind: str = "rand",
+    *,
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    std: float = 1e-2,
+):
+    """A SparseAdapter with random values on a ``kind`` mask of each weight (no training)."""
+    from .adapter import SparseAdapter, SparseDelta
+    from .masks import make_masks
+
+    if density is None and rank is None:
+        density = 0.02
+    masks = make_masks(weights, kind, density=density, rank=rank, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    deltas = {
+        key: SparseDelta(idx, (torch.randn(idx.numel(), generator=g) * std).to(dtype), tuple(weights[key].shape))
+        for key, idx in masks.items()
+    }
+    return SparseAdapter(deltas, {"mask": kind, "seed": seed})
+
+
+def reference_weights(base: dict[str, torch.Tensor], adapters: dict, scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    """What the engine must write for ``scales``, computed densely and independently of it.
+
+    ``base + sum(scale * delta)`` summed in fp32 in adapter-name order at the union of indices,
+    cast once; only weights some adapter touches are returned.
+    """
+    out = {}
+    for key in {k for name in scales for k in adapters[name].deltas}:
+        w = base[key]
+        flat = w.reshape(-1)
+        total = torch.zeros(flat.numel(), dtype=torch.float32)
+        touched = torch.zeros(flat.numel(), dtype=torch.bool)
+        for name, scale in sorted(scales.items()):
+            d = adapters[name].deltas.get(key)
+            if d is not None:
+                total[d.indices.long()] += d.values.float() * scale
+                touched[d.indices.long()] = True
+        expect = flat.clone()
+        expect[touched] = (flat.float() + total)[touched].to(w.dtype)
+        out[key] = expect.view(w.shape)
+    return out

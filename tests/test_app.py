@@ -1,0 +1,69 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.cli import parse_args
+from app.studio import NONE, Studio, build_ui, load_pipeline
+from shira_diffusion import find_targets
+from shira_diffusion.testing import random_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "-m", "app", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--model", "--adapters-dir", "--host", "--port", "--share", "--auth", "--device", "--dtype", "--max-upload-mb"):
+        assert flag in out.stdout
+
+
+def test_defaults_bind_locally_and_do_not_share():
+    args = parse_args([])
+    assert args.host == "127.0.0.1" and args.share is False and args.model == "demo"
+    with pytest.raises(SystemExit):
+        parse_args(["--auth", "nocolon"])
+
+
+def test_single_file_checkpoint_must_be_safetensors(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ValueError, match="pickled .ckpt files are refused"):
+        load_pipeline(str(ckpt))
+
+
+@pytest.fixture
+def studio(tiny_pipe, tmp_path):
+    s = Studio(tiny_pipe, "demo", max_bytes=10 * 2**20)
+    yield s
+    s.engine.restore()
+
+
+def test_scan_loads_good_adapters_and_reports_bad_ones(studio, tiny_pipe, tmp_path):
+    random_adapter(find_targets(tiny_pipe), density=0.05, seed=1).save(tmp_path / "good.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    lines = studio.scan(tmp_path)
+    assert lines[0].startswith("skipped bad.safetensors: ") and "not a readable safetensors file" in lines[0]
+    assert lines[1] == "loaded good from good.safetensors"
+    assert studio.adapters == ["good"]
+
+
+def test_generate_switches_and_returns_to_base_exactly(studio, tiny_pipe, tmp_path):
+    random_adapter(find_targets(tiny_pipe), density=0.05, seed=2, std=0.3).save(tmp_path / "style.safetensors")
+    studio.scan(tmp_path)
+    base, status = studio.generate("a red square", "", 0, 3, 5.0, NONE, 1.0)
+    assert base.size == (64, 64) and status.startswith("base model: switch")
+    styled, status = studio.generate("a red square", "", 0, 3, 5.0, "style", 1.0)
+    assert status.startswith("style x1: switch")
+    again, _ = studio.generate("a red square", "", 0, 3, 5.0, NONE, 1.0)
+    as_tensor = lambda im: torch.tensor(list(im.getdata()))
+    assert not torch.equal(as_tensor(base), as_tensor(styled))
+    assert torch.equal(as_tensor(base), as_tensor(again))
+
+
+def test_page_builds(studio):
+    import gradio as gr
+
+    assert isinstance(build_ui(studio), gr.Blocks)
