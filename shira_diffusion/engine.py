@@ -62,13 +62,10 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _fuse(orig: torch.Tensor, deltas: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """``orig + sum(scale * delta)``: deltas summed in fp32 first, added once, cast once."""
+def _scaled(orig: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """``orig + scale * delta`` computed in fp32 (or wider) and cast once, as fusion does."""
     acc = _accumulate_dtype(orig.dtype)
-    total = deltas[0][0].to(acc) * deltas[0][1]
-    for delta, scale in deltas[1:]:
-        total += delta.to(acc) * scale
-    return (orig.to(acc) + total).to(orig.dtype)
+    return (orig.to(acc) + delta.to(acc) * scale).to(orig.dtype)
 
 
 class ShiraEngine:
@@ -134,7 +131,7 @@ class ShiraEngine:
                 idx = delta.indices.to(w.device, torch.int64)
                 values = delta.values.to(w.device)
                 orig = self._base_values(key, w, idx)
-                parts[key] = _Staged(idx, orig, _fuse(orig, [(values, 1.0)]), values)
+                parts[key] = _Staged(idx, orig, _scaled(orig, values, 1.0), values)
             self._staged[name] = parts
 
     def _base_values(self, key: str, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -242,7 +239,7 @@ class ShiraEngine:
         for key, (idx, orig, members) in layout.items():
             if len(members) == 1:
                 name, part, _ = members[0]
-                plan[key] = _Entry(idx, orig, _fuse(orig, [(part.delta, scales[name])]))
+                plan[key] = _Entry(idx, orig, _scaled(orig, part.delta, scales[name]))
                 continue
             acc = _accumulate_dtype(orig.dtype)
             total = torch.zeros(idx.numel(), dtype=acc, device=idx.device)

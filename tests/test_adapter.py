@@ -253,75 +253,70 @@ def test_plain_safetensors_file_is_not_an_adapter(tmp_path):
         SparseAdapter.load(tmp_path / "model.safetensors")
 
 
-def test_unknown_format_version_is_rejected(tmp_path):
-    path = small_adapter().save(tmp_path / "a.safetensors")
-    rewrite_header(path, lambda h: h["__metadata__"].update(format_version="99"))
-    with pytest.raises(AdapterError, match="unknown format version '99'"):
-        SparseAdapter.load(path)
+def _drop_values(t, h):
+    del t[f"{KEY}.values"]
 
 
-def test_missing_tensor_is_rejected(tmp_path):
+def _add_sneaky(t, h):
+    t["unet.sneaky.values"] = torch.zeros(2)
+
+
+def _short_values(t, h):
+    t[f"{KEY}.values"] = t[f"{KEY}.values"][:3].clone()
+
+
+def _nan_values(t, h):
+    t[f"{KEY}.values"] = torch.tensor([0.5, float("nan"), 2.0, 3.0])
+
+
+def _vae_component(t, h):
+    for k in list(t):
+        t[k.replace("unet.", "vae.", 1)] = t.pop(k)
+    h["shapes"] = h["shapes"].replace('"unet.', '"vae.')
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (_drop_values, f"{KEY}: missing tensor '{KEY}.values'"),
+        (_add_sneaky, "unexpected tensor 'unet.sneaky.values'"),
+        (_short_values, f"{KEY}: indices/values length mismatch: 4 indices for 3 values"),
+        (_nan_values, f"{KEY}: non-finite values"),
+        (_vae_component, "unknown component 'vae'"),
+    ],
+)
+def test_bad_tensors_in_file_are_rejected(tmp_path, edit, message):
     adapter = small_adapter()
-    tensors = tensors_of(adapter)
-    del tensors[f"{KEY}.values"]
-    save_file(tensors, str(tmp_path / "a.safetensors"), metadata=adapter.header())
-    with pytest.raises(AdapterError, match=f"{KEY}: missing tensor '{KEY}.values'"):
-        SparseAdapter.load(tmp_path / "a.safetensors")
-
-
-def test_extra_tensor_is_rejected(tmp_path):
-    adapter = small_adapter()
-    tensors = {**tensors_of(adapter), "unet.sneaky.values": torch.zeros(2)}
-    save_file(tensors, str(tmp_path / "a.safetensors"), metadata=adapter.header())
-    with pytest.raises(AdapterError, match="unexpected tensor 'unet.sneaky.values'"):
-        SparseAdapter.load(tmp_path / "a.safetensors")
-
-
-def test_out_of_range_index_in_file_is_rejected(tmp_path):
-    path = small_adapter().save(tmp_path / "a.safetensors")
-
-    def shrink(h):
-        shapes = json.loads(h["__metadata__"]["shapes"])
-        shapes[KEY] = [4, 4]
-        h["__metadata__"]["shapes"] = json.dumps(shapes)
-
-    rewrite_header(path, shrink)
-    with pytest.raises(AdapterError, match=f"{KEY}: index out of range: 63 >= 16"):
-        SparseAdapter.load(path)
-
-
-def test_length_mismatch_in_file_is_rejected(tmp_path):
-    adapter = small_adapter()
-    tensors = tensors_of(adapter)
-    tensors[f"{KEY}.values"] = tensors[f"{KEY}.values"][:3].clone()
-    save_file(tensors, str(tmp_path / "a.safetensors"), metadata=adapter.header())
-    with pytest.raises(AdapterError, match=f"{KEY}: indices/values length mismatch: 4 indices for 3 values"):
-        SparseAdapter.load(tmp_path / "a.safetensors")
-
-
-def test_non_finite_values_in_file_are_rejected(tmp_path):
-    adapter = small_adapter()
-    tensors = tensors_of(adapter)
-    tensors[f"{KEY}.values"] = torch.tensor([0.5, float("nan"), 2.0, 3.0])
-    save_file(tensors, str(tmp_path / "a.safetensors"), metadata=adapter.header())
-    with pytest.raises(AdapterError, match=f"{KEY}: non-finite values"):
-        SparseAdapter.load(tmp_path / "a.safetensors")
-
-
-def test_unknown_component_in_file_is_rejected(tmp_path):
-    adapter = small_adapter()
-    tensors = {k.replace("unet.", "vae.", 1): v for k, v in tensors_of(adapter).items()}
-    header = adapter.header()
-    header["shapes"] = header["shapes"].replace('"unet.', '"vae.')
+    tensors, header = tensors_of(adapter), adapter.header()
+    edit(tensors, header)
     save_file(tensors, str(tmp_path / "a.safetensors"), metadata=header)
-    with pytest.raises(AdapterError, match="unknown component 'vae'"):
+    with pytest.raises(AdapterError, match=message):
         SparseAdapter.load(tmp_path / "a.safetensors")
 
 
-def test_bad_header_json_is_rejected(tmp_path):
+def _set_shape(shape):
+    def edit(meta):
+        shapes = json.loads(meta["shapes"])
+        shapes[KEY] = shape
+        meta["shapes"] = json.dumps(shapes)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.update(format_version="99"), "unknown format version '99'"),
+        (lambda m: m.update(mask="{not json"), "header field 'mask' is not valid JSON"),
+        (_set_shape([4, 4]), f"{KEY}: index out of range: 63 >= 16"),
+        (_set_shape([0, 8]), f"{KEY}: invalid shape"),
+        (lambda m: m.pop("shapes"), "header field 'shapes' is missing"),
+    ],
+)
+def test_bad_header_is_rejected(tmp_path, edit, message):
     path = small_adapter().save(tmp_path / "a.safetensors")
-    rewrite_header(path, lambda h: h["__metadata__"].update(mask="{not json"))
-    with pytest.raises(AdapterError, match="header field 'mask' is not valid JSON"):
+    rewrite_header(path, lambda h: edit(h["__metadata__"]))
+    with pytest.raises(AdapterError, match=message):
         SparseAdapter.load(path)
 
 
