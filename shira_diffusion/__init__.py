@@ -1,10 +1,10 @@
 """shira_diffusion: Sparse High Rank Adapters (SHiRA) for SDXL, switched and fused in place."""
 
-from .adapter import COMPONENTS, AdapterError, SparseAdapter, SparseDelta
+from .adapter import COMPONENTS, AdapterError, SparseAdapter, SparseDelta, fingerprint
 from .engine import ShiraEngine
 from .masks import MASK_KINDS, budget, calibration_scores, make_mask, make_masks
 from .metrics import interference
-from .targets import DEFAULT_TARGETS, find_targets, fingerprint
+from .targets import DEFAULT_TARGETS, find_targets
 
 __version__ = "0.1.0"
 

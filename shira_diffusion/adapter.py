@@ -8,12 +8,13 @@ weights without checking again; a bad file or tensor raises :class:`AdapterError
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -101,6 +102,27 @@ class SparseDelta:
         return dense.view(self.shape)
 
 
+def fingerprint(weights: Mapping[str, torch.Tensor | Sequence[int]]) -> str:
+    """A short hash of weights' names and shapes: an adapter fits a model whose weights hash alike."""
+    lines = []
+    for name in sorted(weights):
+        w = weights[name]
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w)
+        lines.append(f"{name}:{'x'.join(map(str, shape))}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+
+
+def module_patterns(keys: Iterable[str]) -> dict[str, list[str]]:
+    """``{component: [module name suffix, ...]}`` covering ``keys`` (``to_out.0`` keeps its index)."""
+    found: dict[str, set[str]] = {}
+    for key in keys:
+        component, path = split_key(key)
+        parts = path.split(".")
+        suffix = ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+        found.setdefault(component, set()).add(suffix)
+    return {c: sorted(v) for c, v in sorted(found.items())}
+
+
 def split_key(key: str) -> tuple[str, str]:
     """``"unet.a.b"`` -> ``("unet", "a.b")``; raises :class:`AdapterError` on an unknown component."""
     component, _, path = key.partition(".")
@@ -112,9 +134,10 @@ def split_key(key: str) -> tuple[str, str]:
 class SparseAdapter:
     """A validated set of :class:`SparseDelta` keyed by ``"<component>.<module path>"``.
 
-    ``metadata`` holds JSON-serialisable facts about provenance (``base_model``, ``fingerprint``,
-    ``mask``, ``targets``, anything else); ``num_params``, ``density`` and ``dtype`` are derived
-    from the deltas and written into the file header on save.
+    ``metadata`` holds JSON-serialisable facts about provenance (``base_model``, ``mask``,
+    anything else). ``num_params``, ``density``, ``dtype``, ``fingerprint`` (of the adapted
+    weights' names and shapes) and ``targets`` (module name patterns per component, unless given)
+    are derived from the deltas and written into the file header on save.
     """
 
     def __init__(self, deltas: Mapping[str, SparseDelta], metadata: Mapping[str, Any] | None = None) -> None:
@@ -157,8 +180,8 @@ class SparseAdapter:
             f"SHiRA adapter: {len(self.deltas)} weights, {self.num_params:,} params, "
             f"density {self.density:.4%}, dtype {str(self.dtype).replace('torch.', '')}"
         ]
-        for name in ("base_model", "mask", "fingerprint"):
-            if name in self.metadata:
+        for name in ("base_model", "mask"):
+            if self.metadata.get(name) is not None:
                 lines.append(f"  {name}: {self.metadata[name]}")
         for component in self.components:
             parts = [d for k, d in self.deltas.items() if k.startswith(component + ".")]
@@ -195,7 +218,11 @@ class SparseAdapter:
     def header(self) -> dict[str, str]:
         """The safetensors metadata written by :meth:`save` (string values, JSON where structured)."""
         facts = {
+            "base_model": None,
+            "mask": None,
+            "targets": module_patterns(self.deltas),
             **self.metadata,
+            "fingerprint": fingerprint({k: d.shape for k, d in self.deltas.items()}),
             "num_params": self.num_params,
             "density": self.density,
             "dtype": str(self.dtype).replace("torch.", "") if self.dtype else "mixed",

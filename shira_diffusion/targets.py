@@ -6,14 +6,13 @@ Works on any mapping ``{component: nn.Module}`` (or anything with ``unet`` / ``t
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .adapter import COMPONENTS, AdapterError, split_key
+from .adapter import COMPONENTS, AdapterError, fingerprint, split_key  # noqa: F401  (fingerprint re-exported)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -83,13 +82,3 @@ def resolve_weight(components: Mapping[str, nn.Module], key: str) -> nn.Paramete
     if not isinstance(weight, torch.Tensor):
         raise AdapterError(f"{key}: module {type(module).__name__} has no weight tensor")
     return weight
-
-
-def fingerprint(weights: Mapping[str, torch.Tensor | Sequence[int]]) -> str:
-    """A short hash of the targeted weights' names and shapes: tells which base an adapter fits."""
-    lines = []
-    for name in sorted(weights):
-        w = weights[name]
-        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w)
-        lines.append(f"{name}:{'x'.join(map(str, shape))}\n")
-    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]

@@ -327,3 +327,17 @@ def test_wm_mask_round_trips_through_file(tmp_path):
     adapter = SparseAdapter({KEY: SparseDelta(idx, torch.ones(idx.numel()), (64, 96))})
     loaded = SparseAdapter.load(adapter.save(tmp_path / "a.safetensors"))
     assert torch.equal(loaded.deltas[KEY].indices.long(), idx)
+
+
+def test_header_derives_fingerprint_and_targets(tmp_path, tiny_pipe):
+    from shira_diffusion import find_targets, fingerprint
+
+    weights = find_targets(tiny_pipe, ["unet", "text_encoder"])
+    adapter = random_adapter(weights, density=0.05)
+    loaded = SparseAdapter.load(adapter.save(tmp_path / "a.safetensors"))
+    assert loaded.metadata["fingerprint"] == fingerprint(weights)
+    assert loaded.metadata["targets"] == {
+        "text_encoder": ["k_proj", "out_proj", "q_proj", "v_proj"],
+        "unet": ["to_k", "to_out.0", "to_q", "to_v"],
+    }
+    assert loaded.metadata["base_model"] is None

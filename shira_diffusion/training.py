@@ -1,0 +1,135 @@
+"""Sparse training: only the masked entries of each target weight are trainable.
+
+Each adapted ``nn.Linear`` gets one fp32 parameter ``shira_values`` (the masked entries' current
+values) and runs through :class:`_SparseLinear`, which
+
+* writes the values into the frozen weight in place before the matmul, so the forward uses the
+  model's own weight tensor: no dense clone, no extra copy kept for backward;
+* saves the input activation as the matmul saw it (bf16/fp16 under autocast, not an fp32 copy);
+* in backward, forms this layer's dense weight gradient, gathers it at the mask into the values'
+  gradient and drops it at once, so at most one dense weight gradient exists at a time.
+
+The optimizer and DDP only see the values; the values stay fp32 whatever dtype the model runs in
+(they are the master copy), and :meth:`SparseTraining.export` turns them into a
+:class:`SparseAdapter` (delta = trained - original).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import SparseAdapter, SparseDelta
+from .targets import pipeline_components, resolve_weight
+
+
+class _SparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, indices, values):
+        with torch.no_grad():
+            weight.view(-1).index_copy_(0, indices, values.to(weight.dtype))
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+        else:
+            w, b = weight, bias
+        ctx.weight = weight  # the live tensor, not a saved copy: rewritten only by the next forward
+        ctx.compute_dtype = w.dtype
+        ctx.save_for_backward(x, indices)
+        ctx.values_dtype = values.dtype
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, indices = ctx.saved_tensors
+        weight = ctx.weight
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight.to(grad_out.dtype)
+        if ctx.needs_input_grad[4]:
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            dense = g.T.to(x.dtype) @ x.reshape(-1, x.shape[-1])  # this layer's dW, freed on return
+            grad_values = dense.view(-1).index_select(0, indices).to(ctx.values_dtype)
+            del dense
+        return grad_x, None, None, None, grad_values
+
+
+def _sparse_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _SparseLinear.apply(x, self.weight, self.bias, self.shira_indices, self.shira_values)
+
+
+class SparseTraining:
+    """Makes the masked entries of the given Linear weights trainable, in place.
+
+    ``masks`` maps adapter keys (``"unet.<module path>"``) to sorted flat indices. The values
+    start at the base weights' entries; :meth:`export` gives the adapter, :meth:`remove` puts the
+    base weights and the modules' own forwards back.
+    """
+
+    def __init__(self, pipe_or_components: Any, masks: Mapping[str, torch.Tensor]) -> None:
+        components = pipeline_components(pipe_or_components)
+        self.modules: dict[str, nn.Linear] = {}
+        for key in masks:
+            resolve_weight(components, key)  # raises a clear error for unknown keys
+            component, path = key.split(".", 1)
+            module = components[component].get_submodule(path)
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"{key}: sparse training supports nn.Linear, got {type(module).__name__}")
+            self.modules[key] = module
+        for key, module in self.modules.items():
+            w = module.weight
+            idx = masks[key].to(w.device, torch.int64)
+            w.requires_grad_(False)
+            base = w.detach().view(-1).index_select(0, idx)
+            module.register_buffer("shira_indices", idx, persistent=False)
+            module.register_buffer("shira_base", base, persistent=False)
+            module.shira_values = nn.Parameter(base.to(torch.float32, copy=True))
+            module.forward = types.MethodType(_sparse_forward, module)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [m.shira_values for m in self.modules.values()]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """Write the current values into the weights (the forward does this too)."""
+        for m in self.modules.values():
+            m.weight.view(-1).index_copy_(0, m.shira_indices, m.shira_values.to(m.weight.dtype))
+
+    @torch.no_grad()
+    def export(self, metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> SparseAdapter:
+        """The trained adapter: per weight, ``trained - original`` at the mask (fp32 unless ``dtype``)."""
+        deltas = {}
+        for key, m in self.modules.items():
+            delta = m.shira_values.detach().float() - m.shira_base.float()
+            deltas[key] = SparseDelta(m.shira_indices.cpu(), delta.to(dtype or torch.float32).cpu(), tuple(m.weight.shape))
+        return SparseAdapter(deltas, dict(metadata or {}))
+
+    @torch.no_grad()
+    def load_values(self, adapter: SparseAdapter) -> None:
+        """Set the values to ``original + delta`` (resuming from an exported adapter)."""
+        for key, m in self.modules.items():
+            d = adapter.deltas[key]
+            if not torch.equal(d.indices.to(m.shira_indices), m.shira_indices):
+                raise ValueError(f"{key}: adapter mask differs from the training mask")
+            m.shira_values.copy_(m.shira_base.float() + d.values.to(m.shira_values))
+        self.sync_weights()
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Restore the base weights exactly and detach from the modules."""
+        for m in self.modules.values():
+            m.weight.view(-1).index_copy_(0, m.shira_indices, m.shira_base)
+            del m.forward
+            del m.shira_values
+            del m._buffers["shira_indices"], m._buffers["shira_base"]
+        self.modules = {}

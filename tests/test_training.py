@@ -1,0 +1,151 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_same_state, snapshot
+from shira_diffusion import ShiraEngine, find_targets, make_masks
+from shira_diffusion.training import SparseTraining
+
+
+def linear_setup(seed=0, dtype=torch.float32, bias=True):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 10, bias=bias), nn.GELU(), nn.Linear(10, 6, bias=bias)).to(dtype)
+    model.requires_grad_(False)
+    components = {"unet": model}
+    masks = make_masks({"unet.0": model[0].weight, "unet.2": model[2].weight}, "rand", density=0.3, seed=seed)
+    return model, components, masks
+
+
+def test_values_gradient_equals_dense_gradient_at_the_mask():
+    model, components, masks = linear_setup()
+    x = torch.randn(4, 5, 12)
+    target = torch.randn(4, 5, 6)
+
+    # dense reference: the same model with trainable dense weights
+    ref = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 6))
+    ref.load_state_dict(model.state_dict())
+    ((ref(x) - target) ** 2).mean().backward()
+
+    training = SparseTraining(components, masks)
+    ((model(x) - target) ** 2).mean().backward()
+    for key, layer in (("unet.0", 0), ("unet.2", 2)):
+        got = model[layer].shira_values.grad
+        want = ref[layer].weight.grad.view(-1)[masks[key]]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert {id(p) for p in training.parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_forward_uses_the_live_weight_without_copies():
+    model, components, masks = linear_setup()
+    weight_ptr = model[0].weight.data_ptr()
+    training = SparseTraining(components, masks)
+    with torch.no_grad():
+        model[0].shira_values += 1.0
+    y = model(torch.randn(2, 12))
+    assert model[0].weight.data_ptr() == weight_ptr
+    assert torch.equal(model[0].weight.view(-1)[masks["unet.0"]], model[0].shira_base + 1.0)
+    assert y.shape == (2, 6)
+    assert training.num_params == masks["unet.0"].numel() + masks["unet.2"].numel()
+
+
+def test_overfitting_one_batch_drives_loss_down():
+    model, components, masks = linear_setup(seed=1)
+    x = torch.randn(16, 12)
+    with torch.no_grad():  # a reachable target: the same model with its masked entries moved
+        teacher = [layer.weight.clone() for layer in (model[0], model[2])]
+        for layer, key in ((model[0], "unet.0"), (model[2], "unet.2")):
+            layer.weight.view(-1)[masks[key]] += 0.5 * torch.randn(masks[key].numel())
+        target = model(x)
+        for layer, w in zip((model[0], model[2]), teacher):
+            layer.weight.copy_(w)
+    training = SparseTraining(components, masks)
+    opt = torch.optim.Adam(training.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(200):
+        loss = ((model(x) - target) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.02 * losses[0]
+
+
+def test_export_is_trained_minus_original_and_remove_restores_base():
+    model, components, masks = linear_setup()
+    base = snapshot(model)
+    training = SparseTraining(components, masks)
+    with torch.no_grad():
+        model[2].shira_values[:3] += torch.tensor([0.5, -0.25, 1.0])
+    adapter = training.export({"mask": "rand"})
+    d = adapter.deltas["unet.2"]
+    assert torch.equal(d.indices.long(), masks["unet.2"])
+    trained = model[2].shira_values.detach()[:3]
+    assert torch.equal(d.values[:3], trained - model[2].shira_base[:3])
+    torch.testing.assert_close(d.values[:3], torch.tensor([0.5, -0.25, 1.0]))
+    assert torch.count_nonzero(d.values[3:]) == 0 and torch.count_nonzero(adapter.deltas["unet.0"].values) == 0
+    training.remove()
+    assert_same_state(model, base)
+    assert not hasattr(model[2], "shira_values") and "forward" not in vars(model[2])
+    # the exported adapter applied by the engine reproduces the trained weights
+    engine = ShiraEngine(components)
+    engine.stage("t", adapter)
+    engine.apply("t")
+    live = model[2].weight.view(-1)[masks["unet.2"]]
+    assert torch.equal(live, base["2.weight"].view(-1)[masks["unet.2"]] + d.values)
+    torch.testing.assert_close(live[:3], trained)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_activations_in_model_dtype_and_values_fp32(dtype):
+    model, components, masks = linear_setup()
+    training = SparseTraining(components, masks)
+    x = torch.randn(8, 12)
+    with torch.autocast("cpu", dtype=dtype):
+        y = model(x)
+        assert y.dtype == dtype
+    y.float().pow(2).mean().backward()
+    for p in training.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+
+
+def test_half_precision_model_trains_with_fp32_values():
+    model, components, masks = linear_setup(dtype=torch.bfloat16)
+    training = SparseTraining(components, masks)
+    opt = torch.optim.SGD(training.parameters(), lr=0.1)
+    before = model[0].weight.clone()
+    model(torch.randn(4, 12, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    training.sync_weights()
+    changed = (model[0].weight != before).view(-1)
+    assert changed.any() and not changed[~torch.isin(torch.arange(changed.numel()), masks["unet.0"])].any()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_unet):
+    from shira_diffusion.testing import tiny_sdxl_unet
+
+    def grads(checkpointing: bool):
+        unet = tiny_sdxl_unet(seed=0)
+        masks = make_masks(find_targets({"unet": unet}), "rand", density=0.05, seed=3)
+        training = SparseTraining({"unet": unet}, masks)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        g = torch.Generator().manual_seed(0)
+        out = unet(
+            torch.randn(2, 4, 16, 16, generator=g),
+            torch.tensor([10, 500]),
+            encoder_hidden_states=torch.randn(2, 7, 64, generator=g),
+            added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)},
+        ).sample
+        out.pow(2).mean().backward()
+        return [p.grad.clone() for p in training.parameters()]
+
+    plain, ckpt = grads(False), grads(True)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert any(bool(g.abs().sum() > 0) for g in plain)
+
+
+def test_rejects_non_linear_targets(tiny_unet):
+    with pytest.raises(TypeError, match="supports nn.Linear"):
+        SparseTraining({"unet": tiny_unet}, {"unet.conv_in": torch.tensor([0, 1])})
