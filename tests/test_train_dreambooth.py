@@ -1,0 +1,181 @@
+"""End-to-end runs of training/train_shira_dreambooth.py on the tiny pipeline saved to disk."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from shira_diffusion import ShiraEngine, SparseAdapter, find_targets
+from shira_diffusion.testing import tiny_sdxl_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "train_shira_dreambooth.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_shira_dreambooth", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_script()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    tiny_sdxl_pipeline(seed=0).save_pretrained(root / "model")
+    images = root / "instance"
+    images.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        im = Image.new("RGB", (80, 64), "white")
+        ImageDraw.Draw(im).ellipse((10 + 5 * i, 8, 60, 56), fill=colour)
+        im.save(images / f"img{i}.png")
+    (images / "img1.txt").write_text("a photo of sks blob in blue")
+    (images / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def base_args(world, out, *extra):
+    budget = [] if "--lora_equivalent_rank" in extra else ["--density", "0.05"]
+    return [*budget,
+        "--pretrained_model_name_or_path", str(world / "model"),
+        "--instance_data_dir", str(world / "instance"),
+        "--instance_prompt", "a photo of sks blob",
+        "--output_dir", str(out),
+        "--resolution", "64",
+        "--train_batch_size", "2",
+        "--max_train_steps", "3",
+        "--learning_rate", "1e-3",
+        "--mixed_precision", "no",
+        "--save_dtype", "fp32",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    _reset()
+
+
+def render(pipe_dir, adapter=None):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(pipe_dir))
+    pipe.set_progress_bar_config(disable=True)
+    if adapter is not None:
+        engine = ShiraEngine(pipe)
+        engine.stage("a", adapter)
+        engine.apply("a")
+    return pipe("a photo of sks blob", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+def test_documented_accelerate_command_trains_and_writes_a_loadable_adapter(world, tmp_path):
+    out = tmp_path / "out"
+    cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(SCRIPT), *base_args(world, out, "--mask", "rand", "--gradient_checkpointing")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "skipped 1 unreadable image(s)" in run.stderr
+    adapter = SparseAdapter.load(out / "shira_adapter.safetensors")
+    targets = find_targets(tiny_sdxl_pipeline())
+    assert set(adapter.deltas) == set(targets)
+    assert adapter.metadata["mask"] == "rand" and adapter.metadata["base_model"] == str(world / "model")
+    assert all(d.nnz == round(0.05 * d.numel) for d in adapter.deltas.values())
+    assert sum(int(torch.count_nonzero(d.values)) for d in adapter.deltas.values()) > 0.5 * adapter.num_params
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["trainable_params"] == adapter.num_params
+    assert not torch.equal(render(world / "model"), render(world / "model", adapter))
+
+
+@pytest.mark.parametrize("mask", ["wm", "grad", "snip", "struct"])
+def test_each_mask_kind_trains(world, tmp_path, mask):
+    path = train.main(base_args(world, tmp_path, "--mask", mask, "--max_train_steps", "2", "--calibration_steps", "2", "--cache_latents"))
+    adapter = SparseAdapter.load(path)
+    assert adapter.metadata["mask"] == mask
+    assert sum(int(torch.count_nonzero(d.values)) for d in adapter.deltas.values()) > 0
+
+
+def test_text_encoders_train_too(world, tmp_path):
+    path = train.main(base_args(world, tmp_path, "--train_text_encoder", "--max_train_steps", "2", "--text_encoder_lr", "5e-3"))
+    adapter = SparseAdapter.load(path)
+    assert set(adapter.components) == {"unet", "text_encoder", "text_encoder_2"}
+    te = [d for k, d in adapter.deltas.items() if k.startswith("text_encoder")]
+    assert te and sum(int(torch.count_nonzero(d.values)) for d in te) > 0
+
+
+def test_prior_preservation_generates_missing_class_images(world, tmp_path):
+    classes = tmp_path / "class"
+    path = train.main(base_args(world, tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(classes),
+                                "--class_prompt", "a photo of a blob", "--num_class_images", "2", "--sample_batch_size", "2",
+                                "--max_train_steps", "2"))
+    assert len(list(classes.glob("*.png"))) == 2
+    assert SparseAdapter.load(path).num_params > 0
+
+
+def test_lora_adapter_type_writes_diffusers_lora(world, tmp_path):
+    path = train.main(base_args(world, tmp_path, "--adapter_type", "lora", "--lora_equivalent_rank", "2", "--max_train_steps", "2"))
+    assert path.name == "pytorch_lora_weights.safetensors"
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(world / "model"))
+    pipe.load_lora_weights(str(path))
+    lora_params = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
+    assert lora_params == sum(2 * (w.shape[0] + w.shape[1]) for w in find_targets(tiny_sdxl_pipeline()).values())
+
+
+def test_resume_from_checkpoint_is_bit_exact(world, tmp_path):
+    import shutil
+
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--checkpoints_total_limit", "1"]
+    straight_dir = tmp_path / "straight"
+    straight = SparseAdapter.load(train.main(base_args(world, straight_dir, *common)))
+    assert sorted(p.name for p in straight_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert SparseAdapter.load(straight_dir / "checkpoint-2" / "shira_adapter.safetensors").num_params == straight.num_params
+
+    # a run that stopped right after its step-2 checkpoint
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(straight_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+    _reset()
+    resumed = SparseAdapter.load(train.main(base_args(world, resumed_dir, *common, "--resume_from_checkpoint", "latest")))
+    assert json.loads((resumed_dir / "training_summary.json").read_text())["steps"] == 4
+    for key, d in straight.deltas.items():
+        assert torch.equal(d.values, resumed.deltas[key].values), key
+
+
+def _reset():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def test_validation_images_are_written(world, tmp_path):
+    train.main(base_args(world, tmp_path, "--max_train_steps", "2", "--validation_prompt", "a sks blob", "--num_validation_images", "1",
+                         "--validation_steps", "1", "--validation_inference_steps", "2"))
+    assert sorted(p.name for p in (tmp_path / "validation").glob("*.png")) == ["step-000001-0.png", "step-000002-0.png"]
+
+
+def test_missing_or_empty_instance_folder_is_a_clear_error(world, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        train.main(base_args(world, tmp_path, "--instance_data_dir", str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        train.main(base_args(world, tmp_path, "--instance_data_dir", str(tmp_path / "empty")))
+
+
+def test_help_lists_the_shira_options():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for flag in ("--mask", "--lora_equivalent_rank", "--calibration_steps", "--adapter_type", "--resume_from_checkpoint", "--cache_latents"):
+        assert flag in out.stdout

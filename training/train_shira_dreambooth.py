@@ -1,0 +1,582 @@
+#!/usr/bin/env python
+"""DreamBooth fine-tuning of SDXL with a Sparse High Rank Adapter (or, for comparison, a LoRA).
+
+    accelerate launch training/train_shira_dreambooth.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --instance_data_dir dog/ --instance_prompt "a photo of sks dog" \\
+        --output_dir out/ --mask wm --lora_equivalent_rank 16 --max_train_steps 500
+
+Writes ``out/shira_adapter.safetensors`` (``--adapter_type lora``: ``out/pytorch_lora_weights.safetensors``
+in diffusers' LoRA format), loadable by ``shira_diffusion`` and the studio.
+
+Randomness is stateless: the data order of epoch ``e`` and the noise of step ``s`` come from
+generators seeded by ``(seed, e)`` and ``(seed, s)``, so a resumed run continues exactly where an
+uninterrupted one would be. Checkpoints are safetensors + JSON only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dreambooth_data import Example, load_examples  # noqa: E402
+
+from shira_diffusion import MASK_KINDS, budget, calibration_scores, find_targets, make_masks  # noqa: E402
+from shira_diffusion.adapter import COMPONENTS  # noqa: E402
+from shira_diffusion.training import SparseTraining  # noqa: E402
+
+logger = logging.getLogger("train_shira_dreambooth")
+ADAPTER_FILE = "shira_adapter.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers SDXL folder")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="a separate VAE (e.g. an fp16-safe one)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_data_dir", required=True, help="instance images; captions from <image>.txt or metadata.jsonl")
+    g.add_argument("--instance_prompt", required=True, help="prompt for images without a caption, e.g. 'a photo of sks dog'")
+    g.add_argument("--repeats", type=int, default=1, help="repeat the instance images this many times per epoch")
+    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--class_data_dir", default=None)
+    g.add_argument("--class_prompt", default=None)
+    g.add_argument("--num_class_images", type=int, default=100, help="missing class images are generated with the base model")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--adapter_type", choices=["shira", "lora"], default="shira")
+    g.add_argument("--mask", choices=MASK_KINDS, default="rand", help="which entries SHiRA trains")
+    budget_group = g.add_mutually_exclusive_group()
+    budget_group.add_argument("--density", type=float, default=None, help="fraction of each target weight (default 0.01)")
+    budget_group.add_argument("--lora_equivalent_rank", type=int, default=None, help="r*(rows+cols) entries per weight")
+    g.add_argument("--mask_seed", type=int, default=0)
+    g.add_argument("--calibration_steps", type=int, default=8, help="batches of gradient for the grad/snip masks")
+    g.add_argument("--targets", nargs="+", choices=COMPONENTS, default=None, help="components to adapt (default unet)")
+    g.add_argument("--train_text_encoder", action="store_true", help="also adapt both text encoders")
+    g.add_argument("--save_dtype", choices=DTYPES, default="fp16", help="dtype of the saved adapter values")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--lr_scheduler", default="constant", help="constant, linear, cosine, ... (diffusers.optimization)")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--optimizer", choices=["adamw", "prodigy"], default="adamw")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is common)")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None)
+    g.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not given")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--cache_latents", action="store_true", help="encode images once and free the VAE")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--num_validation_images", type=int, default=2)
+    g.add_argument("--validation_steps", type=int, default=None, help="default: only at the end")
+    g.add_argument("--validation_inference_steps", type=int, default=25)
+    g.add_argument("--report_to", default=None, help="e.g. tensorboard")
+    args = p.parse_args(argv)
+
+    if args.density is None and args.lora_equivalent_rank is None:
+        args.density = 0.01
+    if args.targets is None:
+        args.targets = ["unet", "text_encoder", "text_encoder_2"] if args.train_text_encoder else ["unet"]
+    elif args.train_text_encoder:
+        args.targets = sorted(set(args.targets) | {"text_encoder", "text_encoder_2"}, key=COMPONENTS.index)
+    if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
+        p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    if args.text_encoder_lr is None:
+        args.text_encoder_lr = args.learning_rate
+    return args
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+def load_components(args) -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    src = dict(revision=args.revision)
+    name = args.pretrained_model_name_or_path
+    vae_src = args.pretrained_vae_model_name_or_path
+    return {
+        "tokenizer": AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **src),
+        "tokenizer_2": AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **src),
+        "text_encoder": CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=args.variant, **src),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", variant=args.variant, **src),
+        "vae": AutoencoderKL.from_pretrained(vae_src or name, subfolder=None if vae_src else "vae", variant=None if vae_src else args.variant, **src),
+        "unet": UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=args.variant, **src),
+        "scheduler": DDPMScheduler.from_pretrained(name, subfolder="scheduler", **src),
+    }
+
+
+def encode_prompts(models: dict, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL conditioning: penultimate hidden states of both encoders, pooled output of the second."""
+    embeds, pooled = [], None
+    for tok, enc in ((models["tokenizer"], models["text_encoder"]), (models["tokenizer_2"], models["text_encoder_2"])):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        out = enc(ids.to(enc.device), output_hidden_states=True)
+        embeds.append(out.hidden_states[-2])
+        pooled = out[0]
+    return torch.cat(embeds, dim=-1), pooled
+
+
+def time_ids(examples: list[Example], resolution: int) -> torch.Tensor:
+    return torch.tensor([[*e.original_size, *e.crop_top_left, resolution, resolution] for e in examples], dtype=torch.float32)
+
+
+def generate_class_images(args, accelerator) -> None:
+    """Fill --class_data_dir up to --num_class_images with base-model renders of --class_prompt."""
+    folder = Path(args.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}])
+    missing = args.num_class_images - have
+    if missing <= 0 or not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
+    pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    for start in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
+        n = min(args.sample_batch_size, missing - start)
+        gen = torch.Generator().manual_seed(args.seed + have + start)
+        images = pipe([args.class_prompt] * n, generator=gen, height=args.resolution, width=args.resolution).images
+        for i, image in enumerate(images):
+            image.save(folder / f"class_{have + start + i:05d}.png")
+    del pipe
+    accelerator.wait_for_everyone()
+
+
+# ---- the adapter ----------------------------------------------------------------------------------
+
+
+def lora_rank(weights: dict, args) -> int:
+    """The LoRA rank whose parameter count is closest to the SHiRA budget."""
+    if args.lora_equivalent_rank:
+        return args.lora_equivalent_rank
+    entries = sum(budget(w.shape, density=args.density) for w in weights.values())
+    per_rank = sum(w.shape[0] + w.numel() // w.shape[0] for w in weights.values())
+    return max(1, round(entries / per_rank))
+
+
+def attach_lora(models: dict, weights: dict, rank: int) -> list[torch.nn.Parameter]:
+    from peft import LoraConfig
+
+    params = []
+    for component in sorted({k.split(".", 1)[0] for k in weights}):
+        names = [k.split(".", 1)[1] for k in weights if k.startswith(component + ".")]
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=names)
+        models[component].add_adapter(config)
+        params += [p for n, p in models[component].named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def save_lora(models: dict, path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def layers(component):
+        module = models.get(component)
+        if module is None or not getattr(module, "peft_config", None):
+            return None
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(path),
+        unet_lora_layers=layers("unet"),
+        text_encoder_lora_layers=layers("text_encoder"),
+        text_encoder_2_lora_layers=layers("text_encoder_2"),
+    )
+
+
+# ---- checkpoints (safetensors + JSON) -------------------------------------------------------------
+
+
+def save_state(folder: Path, params: list, optimizer, lr_scheduler, step: int) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    opt = optimizer.state_dict()
+    scalars: dict = {}
+    for i, state in opt["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{i}.{k}"] = v
+    save_file(tensors, str(folder / "training_state.safetensors"))
+    meta = {"step": step, "param_groups": opt["param_groups"], "opt_scalars": scalars, "lr_scheduler": lr_scheduler.state_dict()}
+    (folder / "training_state.json").write_text(json.dumps(meta, default=list))
+
+
+def load_state(folder: Path, params: list, optimizer, lr_scheduler) -> int:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "training_state.safetensors"))
+    meta = json.loads((folder / "training_state.json").read_text())
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, i, k = name.split(".", 2)
+            state.setdefault(int(i), {})[k] = value
+    for name, value in meta["opt_scalars"].items():
+        i, k = name.split(".", 1)
+        state.setdefault(int(i), {})[k] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    return int(meta["step"])
+
+
+def find_checkpoint(args) -> Path | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        return Path(args.resume_from_checkpoint)
+    found = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def prune_checkpoints(args) -> None:
+    if not args.checkpoints_total_limit:
+        return
+    found = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in found[: max(0, len(found) - args.checkpoints_total_limit + 1)]:
+        shutil.rmtree(old)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def make_optimizer(args, groups: list[dict]):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError:
+            raise SystemExit("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
+        return prodigyopt.Prodigy(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay)
+    return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def diffusion_loss(args, models, batch, step_seed: int) -> torch.Tensor:
+    """The noise-prediction loss for one batch (prior-preservation half weighted separately)."""
+    unet, scheduler = models["unet"], models["scheduler"]
+    latents = batch["latents"]
+    gen = torch.Generator().manual_seed(step_seed)
+    noise = torch.randn(latents.shape, generator=gen).to(latents)
+    if args.noise_offset:
+        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if batch["embeds"] is None:
+        embeds, pooled = encode_prompts(models, batch["prompts"])
+    else:
+        embeds, pooled = batch["embeds"], batch["pooled"]
+    pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if args.snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, t)
+        weight = torch.clamp(snr, max=args.snr_gamma) / snr
+        if scheduler.config.prediction_type == "v_prediction":
+            weight = weight / (snr + 1)
+        per_item = per_item * weight
+    n_instance = batch["n_instance"]
+    loss = per_item[:n_instance].mean()
+    if n_instance < per_item.numel():
+        loss = loss + args.prior_loss_weight * per_item[n_instance:].mean()
+    return loss
+
+
+class Batches:
+    """Deterministic batches: epoch ``e`` is a permutation seeded by ``(seed, e)``; rank ``r`` of ``w``
+    processes takes every ``w``-th batch. Prompt embeddings and latents come from caches when given."""
+
+    def __init__(self, args, instance: list[Example], klass: list[Example], rank: int, world: int):
+        self.args, self.instance, self.klass, self.rank, self.world = args, instance * args.repeats, klass, rank, world
+        self.per_epoch = max(1, len(self.instance) // (args.train_batch_size * world))
+
+    def __call__(self, micro_step: int) -> tuple[list[Example], list[Example]]:
+        epoch, i = divmod(micro_step, self.per_epoch)
+        order = torch.randperm(len(self.instance), generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch)).tolist()
+        bs = self.args.train_batch_size
+        start = (i * self.world + self.rank) * bs
+        picked = [order[(start + j) % len(order)] for j in range(bs)]
+        inst = [self.instance[j] for j in picked]
+        klass = [self.klass[(micro_step * bs + j) % len(self.klass)] for j in range(bs)] if self.klass else []
+        return inst, klass
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    instance = load_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip, args.seed)
+    klass: list[Example] = []
+    if args.with_prior_preservation:
+        generate_class_images(args, accelerator)
+        klass = load_examples(args.class_data_dir, args.class_prompt, args.resolution, args.center_crop, args.random_flip, args.seed + 1, use_captions=False)
+        klass = klass[: args.num_class_images]
+    logger.info("%d instance image(s), %d class image(s)", len(instance), len(klass))
+
+    models = load_components(args)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        models[name].requires_grad_(False)
+    train_text = any(c in args.targets for c in ("text_encoder", "text_encoder_2"))
+    # base weights live in the mixed-precision dtype (as for LoRA); trained values stay fp32
+    models["vae"].to(device, dtype=torch.float32)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        models[name].to(device, dtype=weight_dtype)
+
+    # latents and prompt embeddings computed once where nothing they depend on is trained
+    def latents_of(examples: list[Example]) -> torch.Tensor:
+        vae = models["vae"]
+        pixels = torch.stack([e.pixels for e in examples]).to(device, torch.float32)
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+        gen = torch.Generator().manual_seed(args.seed)
+        sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
+        return sample * vae.config.scaling_factor
+
+    latent_cache: dict[int, torch.Tensor] = {}
+    if args.cache_latents:
+        for e in instance + klass:
+            latent_cache[id(e)] = latents_of([e])[0]
+        del models["vae"]
+        models["vae"] = None
+    embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if not train_text:
+        with torch.no_grad():
+            for prompt in sorted({e.prompt for e in instance + klass}):
+                embeds, pooled = encode_prompts(models, [prompt])
+                embed_cache[prompt] = (embeds[0], pooled[0])
+        for name in ("text_encoder", "text_encoder_2"):
+            models[name] = None  # freed: prompts are encoded once
+
+    batches = Batches(args, instance, klass, accelerator.process_index, accelerator.num_processes)
+
+    def make_batch(micro_step: int) -> dict:
+        inst, cls = batches(micro_step)
+        examples = inst + cls
+        if args.cache_latents:
+            latents = torch.stack([latent_cache[id(e)] for e in examples])
+        else:
+            latents = latents_of(examples)
+        batch = {"latents": latents, "time_ids": time_ids(examples, args.resolution).to(device), "n_instance": len(inst)}
+        if embed_cache:
+            batch["embeds"] = torch.stack([embed_cache[e.prompt][0] for e in examples])
+            batch["pooled"] = torch.stack([embed_cache[e.prompt][1] for e in examples])
+        else:
+            batch["embeds"] = batch["pooled"] = None
+            batch["prompts"] = [e.prompt for e in examples]
+        return batch
+
+    # ---- the adapter
+    adaptable = {c: models[c] for c in COMPONENTS if models.get(c) is not None}
+    weights = find_targets(adaptable, args.targets)
+    if args.adapter_type == "shira":
+        scores = None
+        if args.mask in ("grad", "snip"):
+            with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+                scores = calibration_scores(weights, lambda s: diffusion_loss(args, models, make_batch(s), args.seed + 10**6 + s), range(args.calibration_steps))
+        masks = make_masks(weights, args.mask, density=args.density, rank=args.lora_equivalent_rank, seed=args.mask_seed, scores=scores)
+        sparse = SparseTraining(adaptable, masks)
+        params = sparse.parameters()
+        numel = sum(w.numel() for w in weights.values())
+        logger.info("SHiRA %s mask: %s trainable values (%.3f%% of %d target weights)", args.mask, f"{sparse.num_params:,}", 100 * sparse.num_params / numel, len(weights))
+    else:
+        rank = lora_rank(weights, args)
+        params = attach_lora(models, weights, rank)
+        logger.info("LoRA rank %d: %s trainable parameters", rank, f"{sum(p.numel() for p in params):,}")
+    if args.gradient_checkpointing:
+        models["unet"].enable_gradient_checkpointing()
+        for name in ("text_encoder", "text_encoder_2"):
+            if train_text and models[name] is not None:
+                models[name].gradient_checkpointing_enable()
+
+    text_ids = {id(p) for name in ("text_encoder", "text_encoder_2") if models.get(name) is not None for p in models[name].parameters()}
+    groups = [{"params": [p for p in params if id(p) not in text_ids], "lr": args.learning_rate}]
+    if any(id(p) in text_ids for p in params):
+        groups.append({"params": [p for p in params if id(p) in text_ids], "lr": args.text_encoder_lr})
+    optimizer = make_optimizer(args, [g for g in groups if g["params"]])
+
+    updates_per_epoch = math.ceil(batches.per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    # accelerate steps a prepared scheduler once per process per update
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    trained = [models["unet"]] + [models[n] for n in ("text_encoder", "text_encoder_2") if train_text and models[n] is not None]
+    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    models["unet"], optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
+    for module, name in zip(prepared[1:-2], [n for n in ("text_encoder", "text_encoder_2") if train_text and models[n] is not None]):
+        models[name] = module
+    if args.report_to and accelerator.is_main_process:
+        accelerator.init_trackers("shira-dreambooth", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    global_step = 0
+    checkpoint = find_checkpoint(args)
+    if checkpoint is not None:
+        global_step = load_state(checkpoint, params, optimizer, lr_scheduler)
+        logger.info("resumed from %s at step %d", checkpoint, global_step)
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint found in %s; starting fresh", output_dir)
+
+    def export_adapter(path: Path) -> Path:
+        unwrapped = {k: accelerator.unwrap_model(v) if isinstance(v, torch.nn.Module) else v for k, v in models.items()}
+        if args.adapter_type == "lora":
+            save_lora(unwrapped, path.parent)
+            return path.parent / LORA_FILE
+        meta = {"base_model": args.pretrained_model_name_or_path, "mask": args.mask, "mask_seed": args.mask_seed,
+                "budget": {"density": args.density} if args.density else {"lora_equivalent_rank": args.lora_equivalent_rank},
+                "instance_prompt": args.instance_prompt, "train_steps": global_step}
+        return sparse.export(meta).save(path, dtype=DTYPES[args.save_dtype])
+
+    def validate(step: int) -> None:
+        if not args.validation_prompt or not accelerator.is_main_process:
+            return
+        from diffusers import StableDiffusionXLPipeline
+
+        if args.adapter_type == "shira":
+            sparse.sync_weights()
+        parts = {k: accelerator.unwrap_model(v) for k, v in models.items() if isinstance(v, torch.nn.Module)}
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **parts)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        folder = output_dir / "validation"
+        folder.mkdir(exist_ok=True)
+        images = []
+        for i in range(args.num_validation_images):
+            image = pipe(args.validation_prompt, num_inference_steps=args.validation_inference_steps, generator=torch.Generator().manual_seed(args.seed + i)).images[0]
+            image.save(folder / f"step-{step:06d}-{i}.png")
+            images.append(image)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        del pipe
+        models["unet"].train()
+
+    models["unet"].train()
+    bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
+    micro_step = global_step * args.gradient_accumulation_steps
+    while global_step < max_steps:
+        batch = make_batch(micro_step)
+        with accelerator.accumulate(*trained), autocast:
+            loss = diffusion_loss(args, models, batch, args.seed * 1_000_003 + micro_step)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro_step += 1
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+        if accelerator.is_main_process and args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+            prune_checkpoints(args)
+            folder = output_dir / f"checkpoint-{global_step}"
+            save_state(folder, params, optimizer, lr_scheduler, global_step)
+            export_adapter(folder / ADAPTER_FILE)
+            logger.info("saved %s", folder)
+        if args.validation_steps and global_step % args.validation_steps == 0:
+            validate(global_step)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    final = None
+    if accelerator.is_main_process:
+        final = export_adapter(output_dir / ADAPTER_FILE)
+        validate(global_step)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        summary = {
+            "adapter": str(final),
+            "adapter_type": args.adapter_type,
+            "trainable_params": sum(p.numel() for p in params),
+            "density": sum(p.numel() for p in params) / sum(w.numel() for w in weights.values()),
+            "steps": global_step,
+            "seconds": round(time.perf_counter() - started, 1),
+            "peak_gpu_memory_bytes": peak,
+            "adapter_bytes": final.stat().st_size,
+        }
+        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("done: %s", json.dumps(summary))
+    accelerator.end_training()
+    return final
+
+
+if __name__ == "__main__":
+    main()
