@@ -97,9 +97,21 @@ def test_documented_accelerate_command_trains_and_writes_a_loadable_adapter(worl
     assert not torch.equal(render(world / "model"), render(world / "model", adapter))
 
 
-@pytest.mark.parametrize("mask", ["wm", "grad", "snip", "struct"])
-def test_each_mask_kind_trains(world, tmp_path, mask):
-    path = train.main(base_args(world, tmp_path, "--mask", mask, "--max_train_steps", "2", "--calibration_steps", "2", "--cache_latents"))
+@pytest.mark.parametrize(
+    "mask,extra",
+    [
+        ("wm", ["--cache_latents"]),
+        ("grad", ["--snr_gamma", "5.0", "--noise_offset", "0.05"]),
+        ("snip", ["--mixed_precision", "bf16", "--cache_latents"]),
+        ("struct", ["--random_flip", "--center_crop", "--repeats", "2"]),
+    ],
+)
+def test_each_mask_kind_trains(world, tmp_path, mask, extra):
+    args = base_args(world, tmp_path, "--mask", mask, "--max_train_steps", "2", "--calibration_steps", "2")
+    if "--mixed_precision" in extra:
+        i = args.index("--mixed_precision")
+        del args[i : i + 2]
+    path = train.main(args + extra)
     adapter = SparseAdapter.load(path)
     assert adapter.metadata["mask"] == mask
     assert sum(int(torch.count_nonzero(d.values)) for d in adapter.deltas.values()) > 0
@@ -179,3 +191,43 @@ def test_help_lists_the_shira_options():
     assert out.returncode == 0
     for flag in ("--mask", "--lora_equivalent_rank", "--calibration_steps", "--adapter_type", "--resume_from_checkpoint", "--cache_latents"):
         assert flag in out.stdout
+
+
+def test_captions_from_metadata_jsonl_and_txt(tmp_path):
+    sys.path.insert(0, str(ROOT / "training"))
+    from dreambooth_data import load_examples, read_captions
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (64, 96), "red").save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "from jsonl"}\n')
+    (tmp_path / "b.txt").write_text("from txt\n")
+    assert read_captions(tmp_path) == {"a.png": "from jsonl", "b": "from txt"}
+    examples = load_examples(tmp_path, "default", 32)
+    assert [e.prompt for e in examples] == ["from jsonl", "from txt", "default"]
+    assert examples[0].pixels.shape == (3, 32, 32) and examples[0].original_size == (96, 64)
+    (tmp_path / "metadata.jsonl").write_text('{"file": "a.png"}\n')
+    with pytest.raises(ValueError, match="metadata.jsonl:1: expected"):
+        read_captions(tmp_path)
+
+
+def test_missing_optional_optimizers_say_how_to_install(monkeypatch):
+    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
+                             "--output_dir", "x", "--use_8bit_adam"])
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(SystemExit, match="pip install bitsandbytes"):
+        train.make_optimizer(args, [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+    args.use_8bit_adam, args.optimizer = False, "prodigy"
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)
+    with pytest.raises(SystemExit, match="pip install prodigyopt"):
+        train.make_optimizer(args, [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+
+
+def test_two_process_ddp_run_matches_the_adapter_format(world, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = ["accelerate", "launch", "--multi_gpu" if torch.cuda.device_count() > 1 else "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           *base_args(world, out, "--train_batch_size", "1", "--max_train_steps", "2")]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    adapter = SparseAdapter.load(out / "shira_adapter.safetensors")
+    assert sum(int(torch.count_nonzero(d.values)) for d in adapter.deltas.values()) > 0

@@ -149,3 +149,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_unet):
 def test_rejects_non_linear_targets(tiny_unet):
     with pytest.raises(TypeError, match="supports nn.Linear"):
         SparseTraining({"unet": tiny_unet}, {"unet.conv_in": torch.tensor([0, 1])})
+
+
+def test_sparse_unet_overfits_one_batch():
+    from shira_diffusion.testing import tiny_sdxl_unet
+
+    unet = tiny_sdxl_unet(seed=0)
+    weights = find_targets({"unet": unet})
+    masks = make_masks(weights, "wm", density=0.05)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(2, 7, 64, generator=g),
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}}
+    with torch.no_grad():  # a reachable target: the UNet with its masked entries moved
+        saved = {k: w.clone() for k, w in weights.items()}
+        for k, w in weights.items():
+            w.view(-1)[masks[k]] += 0.2 * torch.randn(masks[k].numel(), generator=g)
+        target = unet(x, torch.tensor([100, 700]), **cond).sample
+        for k, w in weights.items():
+            w.copy_(saved[k])
+    training = SparseTraining({"unet": unet}, masks)
+    opt = torch.optim.AdamW(training.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        loss = (unet(x, torch.tensor([100, 700]), **cond).sample - target).pow(2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.2 * losses[0], losses[::10]

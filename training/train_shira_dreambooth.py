@@ -532,7 +532,8 @@ def main(argv: list[str] | None = None) -> Path:
     while global_step < max_steps:
         batch = make_batch(micro_step)
         with accelerator.accumulate(*trained), autocast:
-            loss = diffusion_loss(args, models, batch, args.seed * 1_000_003 + micro_step)
+            step_seed = args.seed * 1_000_003 + micro_step * accelerator.num_processes + accelerator.process_index
+            loss = diffusion_loss(args, models, batch, step_seed)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -561,6 +562,8 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         final = export_adapter(output_dir / ADAPTER_FILE)
         validate(global_step)
+        import resource
+
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         summary = {
             "adapter": str(final),
@@ -570,6 +573,7 @@ def main(argv: list[str] | None = None) -> Path:
             "steps": global_step,
             "seconds": round(time.perf_counter() - started, 1),
             "peak_gpu_memory_bytes": peak,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "adapter_bytes": final.stat().st_size,
         }
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
