@@ -144,8 +144,13 @@ def main() -> None:
     samples = per_step([{"a": 1.0, "b": 1.0}, None])
     fuse_s = statistics.median(t for s, t in samples if s is not None)
     engine.apply(None)
+    rescale = []
+    for i in range(args.repeats):  # new scales for the same pair: the union layout is reused
+        engine.apply({"a": 0.5 + 0.01 * i, "b": 0.8})
+        rescale.append(engine.last_switch_s)
+        engine.apply(None)
     eng = {"stage_s": stage_s, "apply_s": apply_s, "restore_s": restore_s, "switch_s": switch_s,
-           "fuse_first_s": fuse_first_s, "fuse_cached_s": fuse_s}
+           "fuse_first_s": fuse_first_s, "fuse_cached_s": fuse_s, "fuse_new_scales_s": statistics.median(rescale)}
     print("engine", eng, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -104,6 +104,16 @@ def test_autocast_keeps_activations_in_model_dtype_and_values_fp32(dtype):
         y = model(x)
         assert y.dtype == dtype
     y.float().pow(2).mean().backward()
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=dtype):
+        model[0](x)
+    # the input activation is kept in the autocast dtype (no fp32 copy), plus the int64 indices
+    assert sorted(map(str, saved)) == sorted([str(dtype), "torch.int64"])
     for p in training.parameters():
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
 
