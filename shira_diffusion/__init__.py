@@ -2,6 +2,7 @@
 
 from .adapter import COMPONENTS, AdapterError, SparseAdapter, SparseDelta, fingerprint
 from .engine import ShiraEngine
+from .lora import LoraAdapter, LoraDelta
 from .masks import MASK_KINDS, budget, calibration_scores, make_mask, make_masks
 from .metrics import interference
 from .targets import DEFAULT_TARGETS, find_targets
@@ -13,6 +14,8 @@ __all__ = [
     "DEFAULT_TARGETS",
     "MASK_KINDS",
     "AdapterError",
+    "LoraAdapter",
+    "LoraDelta",
     "ShiraEngine",
     "SparseAdapter",
     "SparseDelta",

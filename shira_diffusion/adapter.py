@@ -214,6 +214,20 @@ class SparseAdapter:
             if tuple(shapes[key]) != delta.shape:
                 raise AdapterError(f"{key}: shape mismatch, adapter {delta.shape} vs model {tuple(shapes[key])}")
 
+    # ---- other formats --------------------------------------------------------------------------
+    @classmethod
+    def from_peft(cls, path: str | os.PathLike, component: str = "unet", model: Any = None) -> "SparseAdapter":
+        """Read a PEFT SHiRA folder; see :func:`shira_diffusion.interop.read_peft_shira`."""
+        from .interop import read_peft_shira
+
+        return read_peft_shira(path, component, model)
+
+    def to_peft(self, path: str | os.PathLike, component: str = "unet") -> Path:
+        """Write a PEFT SHiRA folder; see :func:`shira_diffusion.interop.write_peft_shira`."""
+        from .interop import write_peft_shira
+
+        return write_peft_shira(self, path, component)
+
     # ---- file format ----------------------------------------------------------------------------
     def header(self) -> dict[str, str]:
         """The safetensors metadata written by :meth:`save` (string values, JSON where structured)."""

@@ -16,6 +16,10 @@ How it stays exact and fast:
 * One re-entrant lock guards every change; hold :attr:`ShiraEngine.lock` while running the model
   to see one consistent set.
 
+LoRA adapters (:class:`~shira_diffusion.lora.LoraAdapter`) are dense: their entries cover the
+whole weight (``idx is None``), their originals are one shared copy of the base weight, and their
+values are computed (``scale * up @ down``) when a plan is built, as a LoRA fuse would.
+
 The engine knows tensors and modules only; it does not import diffusers.
 """
 
@@ -31,21 +35,28 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from .adapter import AdapterError, SparseAdapter
+from .lora import LoraAdapter, LoraDelta
 from .targets import pipeline_components, resolve_weight
 
 
 @dataclass(frozen=True, eq=False)
 class _Entry:
-    """What one adapter set writes into one weight: ``weight.view(-1)[idx] = new``; undo: ``= orig``."""
+    """What one adapter set writes into one weight: ``weight.view(-1)[idx] = new``; undo: ``= orig``.
 
-    idx: torch.Tensor  # int64, sorted, on the weight's device
+    ``idx is None`` means the whole weight (a dense, LoRA-style entry).
+    """
+
+    idx: torch.Tensor | None  # int64, sorted, on the weight's device
     orig: torch.Tensor  # base values at idx, weight dtype
-    new: torch.Tensor  # values written at idx, weight dtype
+    new: torch.Tensor | None  # values written at idx, weight dtype (None: built per plan)
 
 
 @dataclass(frozen=True, eq=False)
 class _Staged(_Entry):
-    delta: torch.Tensor  # adapter values at idx, on the weight's device
+    delta: torch.Tensor | LoraDelta  # adapter values at idx on the weight's device, or LoRA factors
+
+    def dense_delta(self, acc: torch.dtype) -> torch.Tensor:
+        return self.delta.dense(acc, self.orig.device) if isinstance(self.delta, LoraDelta) else self.delta.to(acc)
 
 
 class _Layout(NamedTuple):
@@ -87,6 +98,7 @@ class ShiraEngine:
         self._plan: Plan = {}
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._layouts: OrderedDict[tuple, dict[str, _Layout]] = OrderedDict()
+        self._dense_base: dict[str, torch.Tensor] = {}  # full base copies for dense (LoRA) adapters
 
     # ---- inspection -----------------------------------------------------------------------------
     @property
@@ -107,7 +119,7 @@ class ShiraEngine:
 
     # ---- staging --------------------------------------------------------------------------------
     @torch.no_grad()
-    def stage(self, name: str, adapter: SparseAdapter) -> None:
+    def stage(self, name: str, adapter: SparseAdapter | LoraAdapter) -> None:
         """Validate ``adapter`` against the model and prepare it on the weights' devices.
 
         Reads weights, never writes them. Originals are taken from the engine's saved copies
@@ -128,15 +140,34 @@ class ShiraEngine:
             parts = {}
             for key, delta in adapter.deltas.items():
                 w = weights[key]
+                if isinstance(delta, LoraDelta):
+                    factors = LoraDelta(delta.down.to(w.device), delta.up.to(w.device), delta.scale, delta.shape)
+                    parts[key] = _Staged(None, self._dense_original(key, w), None, factors)
+                    continue
                 idx = delta.indices.to(w.device, torch.int64)
                 values = delta.values.to(w.device)
                 orig = self._base_values(key, w, idx)
                 parts[key] = _Staged(idx, orig, _scaled(orig, values, 1.0), values)
             self._staged[name] = parts
 
+    def _dense_original(self, key: str, w: torch.Tensor) -> torch.Tensor:
+        """One shared copy of the base weight per key, for every dense adapter on it."""
+        if key not in self._dense_base:
+            live = self._plan.get(key)
+            if live is not None and live.idx is None:
+                self._dense_base[key] = live.orig
+            else:
+                base = w.detach().reshape(-1).clone()
+                if live is not None:
+                    base.index_copy_(0, live.idx, live.orig)
+                self._dense_base[key] = base
+        return self._dense_base[key]
+
     def _base_values(self, key: str, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        current = w.detach().view(-1).index_select(0, idx)
         live = self._plan.get(key)
+        if live is not None and live.idx is None:
+            return live.orig.index_select(0, idx)
+        current = w.detach().view(-1).index_select(0, idx)
         if live is not None and idx.numel():
             pos = torch.searchsorted(live.idx, idx).clamp_(max=live.idx.numel() - 1)
             hit = live.idx[pos] == idx
@@ -151,6 +182,9 @@ class ShiraEngine:
             if name in self._active:
                 self.apply({n: s for n, s in self._active.items() if n != name})
             del self._staged[name]
+            still_dense = {k for parts in self._staged.values() for k, p in parts.items() if p.idx is None}
+            for key in [k for k in self._dense_base if k not in still_dense]:
+                del self._dense_base[key]
             for cache_key in [k for k in self._plans if any(n == name for n, _ in k)]:
                 del self._plans[cache_key]
             for cache_key in [k for k in self._layouts if name in k]:
@@ -192,7 +226,9 @@ class ShiraEngine:
         if not scales:
             return {}
         if len(scales) == 1 and next(iter(scales.values())) == 1.0:
-            return dict(self._staged[next(iter(scales))])
+            parts = self._staged[next(iter(scales))]
+            if all(p.new is not None for p in parts.values()):
+                return dict(parts)
         return self._cached(self._plans, tuple(sorted(scales.items())), lambda: self._build_plan(scales))
 
     def _cached(self, cache: OrderedDict, key: tuple, build) -> Any:
@@ -219,16 +255,18 @@ class ShiraEngine:
             if len(members) == 1:
                 name, part = members[0]
                 layout[key] = _Layout(part.idx, part.orig, [(name, part, None)])
-                continue
-            idx, where = torch.unique(torch.cat([p.idx for _, p in members]), sorted=True, return_inverse=True)
-            orig = torch.empty(idx.numel(), dtype=members[0][1].orig.dtype, device=idx.device)
-            placed, start = [], 0
-            for name, part in members:
-                pos = where[start : start + part.idx.numel()]
-                start += part.idx.numel()
-                orig[pos] = part.orig
-                placed.append((name, part, pos))
-            layout[key] = _Layout(idx, orig, placed)
+            elif any(p.idx is None for _, p in members):  # a dense member makes the union the whole weight
+                layout[key] = _Layout(None, self._dense_base[key], [(n, p, p.idx) for n, p in members])
+            else:
+                idx, where = torch.unique(torch.cat([p.idx for _, p in members]), sorted=True, return_inverse=True)
+                orig = torch.empty(idx.numel(), dtype=members[0][1].orig.dtype, device=idx.device)
+                placed, start = [], 0
+                for name, part in members:
+                    pos = where[start : start + part.idx.numel()]
+                    start += part.idx.numel()
+                    orig[pos] = part.orig
+                    placed.append((name, part, pos))
+                layout[key] = _Layout(idx, orig, placed)
         return layout
 
     @torch.no_grad()
@@ -237,14 +275,17 @@ class ShiraEngine:
         layout = self._cached(self._layouts, names, lambda: self._layout(names))
         plan: Plan = {}
         for key, (idx, orig, members) in layout.items():
+            acc = _accumulate_dtype(orig.dtype)
             if len(members) == 1:
                 name, part, _ = members[0]
-                plan[key] = _Entry(idx, orig, _scaled(orig, part.delta, scales[name]))
-                continue
-            acc = _accumulate_dtype(orig.dtype)
-            total = torch.zeros(idx.numel(), dtype=acc, device=idx.device)
-            for name, part, pos in members:
-                total.index_add_(0, pos, part.delta.to(acc) * scales[name])
+                total = part.dense_delta(acc) * scales[name]
+            else:
+                total = torch.zeros(orig.numel(), dtype=acc, device=orig.device)
+                for name, part, pos in members:
+                    if pos is None:
+                        total += part.dense_delta(acc) * scales[name]
+                    else:
+                        total.index_add_(0, pos, part.dense_delta(acc) * scales[name])
             plan[key] = _Entry(idx, orig, (orig.to(acc) + total).to(orig.dtype))
         return plan
 
@@ -253,10 +294,10 @@ class ShiraEngine:
         for key in plan.keys() | self._plan.keys():
             entry = plan.get(key) or self._plan[key]
             w = self.weight(key)
-            if w.device != entry.idx.device or w.dtype != entry.orig.dtype:
+            if w.device != entry.orig.device or w.dtype != entry.orig.dtype:
                 raise RuntimeError(
                     f"{key}: the weight is now {w.dtype} on {w.device} but adapters were staged for "
-                    f"{entry.orig.dtype} on {entry.idx.device}; unload and reload the adapters after moving the model"
+                    f"{entry.orig.dtype} on {entry.orig.device}; unload and reload the adapters after moving the model"
                 )
 
     @torch.no_grad()
@@ -278,12 +319,19 @@ class ShiraEngine:
                 before, after = old.get(key), new.get(key)
                 flat = self.weight(key).detach().view(-1)
                 if after is not None:
-                    flat.index_copy_(0, after.idx, after.orig)
+                    _put(flat, after.idx, after.orig)
                 if before is not None:
-                    flat.index_copy_(0, before.idx, before.new)
+                    _put(flat, before.idx, before.new)
             raise
 
     @staticmethod
-    def _write(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    def _write(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> None:
+        _put(flat, idx, values)
+
+
+def _put(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> None:
+    if idx is None:
+        flat.copy_(values)
+    else:
         flat.index_copy_(0, idx, values)
 

@@ -135,14 +135,15 @@ def test_prior_preservation_generates_missing_class_images(world, tmp_path):
 
 
 def test_lora_adapter_type_writes_diffusers_lora(world, tmp_path):
-    path = train.main(base_args(world, tmp_path, "--adapter_type", "lora", "--lora_equivalent_rank", "2", "--max_train_steps", "2"))
+    path = train.main(base_args(world, tmp_path, "--adapter_type", "lora", "--lora_equivalent_rank", "2", "--max_train_steps", "2", "--train_text_encoder"))
     assert path.name == "pytorch_lora_weights.safetensors"
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(world / "model"))
     pipe.load_lora_weights(str(path))
-    lora_params = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
-    assert lora_params == sum(2 * (w.shape[0] + w.shape[1]) for w in find_targets(tiny_sdxl_pipeline()).values())
+    lora_params = sum(p.numel() for c in ("unet", "text_encoder", "text_encoder_2") for n, p in getattr(pipe, c).named_parameters() if "lora_" in n)
+    targets = find_targets(tiny_sdxl_pipeline(), ["unet", "text_encoder", "text_encoder_2"])
+    assert lora_params == sum(2 * (w.shape[0] + w.shape[1]) for w in targets.values())
 
 
 def test_resume_from_checkpoint_is_bit_exact(world, tmp_path):

@@ -194,13 +194,16 @@ def lora_rank(weights: dict, args) -> int:
 
 
 def attach_lora(models: dict, weights: dict, rank: int) -> list[torch.nn.Parameter]:
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     params = []
     for component in sorted({k.split(".", 1)[0] for k in weights}):
         names = [k.split(".", 1)[1] for k in weights if k.startswith(component + ".")]
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=names)
-        models[component].add_adapter(config)
+        if component == "unet":
+            models[component].add_adapter(config)
+        else:  # PEFT directly: transformers' add_adapter wants a newer peft than diffusers does
+            inject_adapter_in_model(config, models[component])
         params += [p for n, p in models[component].named_parameters() if "lora_" in n]
     for p in params:
         p.data = p.data.float()
