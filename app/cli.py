@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'demo' (tiny built-in pipeline, no download), a hub id, a local diffusers folder, or a "
         "single-file .safetensors checkpoint",
     )
-    parser.add_argument("--adapters-dir", default=None, help="folder scanned for SHiRA .safetensors adapters")
+    parser.add_argument("--adapters-dir", default=None, help="folder scanned for SHiRA and LoRA .safetensors adapters")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the studio to your network")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="create a public share link (off by default)")

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-from shira_diffusion import AdapterError, ShiraEngine, SparseAdapter
+from shira_diffusion import AdapterError, ShiraEngine
+from shira_diffusion.interop import load_any
+from shira_diffusion.pipeline import DEMO
+from shira_diffusion.pipeline import load_pipeline as load_shira_pipeline
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LABEL = (
     "Tiny offline demo pipeline: SDXL architecture with random weights, so images are noise. "
     "It shows switching and fusing without a download; pass --model for a real checkpoint."
@@ -18,27 +20,10 @@ NONE = "(base model)"
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str = "auto"):
-    """``(pipeline, label)`` for ``demo``, a single .safetensors file, a diffusers folder or a hub id."""
-    from diffusers import StableDiffusionXLPipeline
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = DTYPES.get(dtype) or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-    if model == "demo":
-        from shira_diffusion.testing import tiny_sdxl_pipeline
-
-        pipe, label = tiny_sdxl_pipeline(), DEMO_LABEL
-    else:
-        path = Path(model)
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise ValueError("single-file checkpoints must be .safetensors (pickled .ckpt files are refused)")
-            pipe = StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=torch_dtype)
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True)
-        label = f"SDXL pipeline: {model}"
-    pipe = pipe.to(device, torch_dtype)
+    """``(pipeline, label)``; the label says what the studio is showing."""
+    pipe = load_shira_pipeline(model, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=False)
-    return pipe, label
+    return pipe, DEMO_LABEL if model == DEMO else f"SDXL pipeline: {model}"
 
 
 class Studio:
@@ -55,11 +40,12 @@ class Studio:
         return self.engine.staged
 
     def add(self, path: str | Path, name: str | None = None) -> str:
-        """Load, validate and stage one adapter file; returns the name it is listed under."""
+        """Load, validate and stage one adapter (SHiRA or LoRA file); returns its listed name."""
         path = Path(path)
         name = name or path.stem
-        adapter = SparseAdapter.load(path, max_bytes=self.max_bytes)
-        self.engine.stage(name, adapter)
+        with self.engine.lock:  # reading a LoRA briefly wraps the pipeline's layers: not mid-generation
+            adapter = load_any(path, self.pipe, max_bytes=self.max_bytes)
+            self.engine.stage(name, adapter)
         return name
 
     def scan(self, folder: str | Path) -> list[str]:

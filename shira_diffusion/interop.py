@@ -233,3 +233,33 @@ def lora_to_shira(lora: LoraAdapter, density: float | None = None, rank: int | N
     energy = {c: math.sqrt(kept_sq[c] / total_sq[c]) if total_sq[c] else 1.0 for c in kept_sq}
     meta: Mapping[str, Any] = {**lora.metadata, "mask": "lora-topk", "converted_from": "lora"}
     return SparseAdapter(deltas, {k: v for k, v in meta.items() if k != "format"}), energy
+
+
+# ---- any adapter --------------------------------------------------------------------------------
+
+
+def load_any(path: str | os.PathLike, pipe: Any = None, component: str = "unet", max_bytes: int | None = None):
+    """A SHiRA file, a PEFT SHiRA folder, or (given ``pipe``) a LoRA file, told apart by content."""
+    path = Path(path)
+    if path.is_dir():
+        model = getattr(pipe, component, None) if pipe is not None else None
+        return SparseAdapter.from_peft(path, component=component, model=model)
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such file")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise AdapterError(f"{path}: file is {path.stat().st_size:,} bytes, over the {max_bytes:,} byte limit")
+    if _is_shira_file(path):
+        return SparseAdapter.load(path)
+    if pipe is None:
+        raise AdapterError(f"{path}: not a SHiRA adapter; LoRA files need the model (--model) to be read")
+    return read_lora(path, pipe)
+
+
+def _is_shira_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "shira"
+    except Exception:  # not a safetensors file at all: let SparseAdapter.load say so
+        return True

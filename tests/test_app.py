@@ -67,3 +67,14 @@ def test_page_builds(studio):
     import gradio as gr
 
     assert isinstance(build_ui(studio), gr.Blocks)
+
+
+def test_scan_also_lists_lora_files(studio, tmp_path):
+    from safetensors.torch import save_file
+
+    prefix = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{prefix}.lora_down.weight": torch.randn(2, 64), f"{prefix}.lora_up.weight": torch.randn(64, 2)},
+              str(tmp_path / "kohya_style.safetensors"))
+    assert studio.scan(tmp_path) == ["loaded kohya_style from kohya_style.safetensors"]
+    image, status = studio.generate("a red square", "", 0, 2, 5.0, "kohya_style", 0.5)
+    assert status.startswith("kohya_style x0.5: switch") and image.size == (64, 64)
