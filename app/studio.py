@@ -1,52 +1,58 @@
-"""The studio's state (one pipeline, its engine, the loaded adapters) and its Gradio page."""
+"""The studio: one loaded pipeline (a ShiraPipelineSwitcher) and its Gradio page.
+
+Every generation switches and renders under the switcher's lock, so several browser tabs can
+generate with different adapters at once and each gets exactly its own set.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from shira_diffusion import AdapterError, ShiraEngine
-from shira_diffusion.interop import load_any
-from shira_diffusion.pipeline import DEMO
-from shira_diffusion.pipeline import load_pipeline as load_shira_pipeline
+from shira_diffusion import AdapterError, ShiraPipelineSwitcher
+from shira_diffusion.pipeline import DEMO, load_pipeline as load_shira_pipeline
 
 DEMO_LABEL = (
-    "Tiny offline demo pipeline: SDXL architecture with random weights, so images are noise. "
-    "It shows switching and fusing without a download; pass --model for a real checkpoint."
+    "**Tiny offline demo pipeline**: SDXL architecture with random weights, so images are noise. "
+    "It shows switching, fusing and comparing without a download; pass `--model` for a real checkpoint."
 )
 NONE = "(base model)"
+FUSE_SLOTS = 4
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str = "auto"):
     """``(pipeline, label)``; the label says what the studio is showing."""
     pipe = load_shira_pipeline(model, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=False)
-    return pipe, DEMO_LABEL if model == DEMO else f"SDXL pipeline: {model}"
+    return pipe, DEMO_LABEL if model == DEMO else f"SDXL pipeline: `{model}`"
 
 
 class Studio:
-    """One pipeline and its engine; adapters are staged once and swapped per generation."""
+    """What the page does, without the page: testable directly."""
 
     def __init__(self, pipe, label: str = "", max_bytes: int = 512 * 2**20) -> None:
+        self.switcher = ShiraPipelineSwitcher(pipe)
         self.pipe = pipe
         self.label = label
         self.max_bytes = max_bytes
-        self.engine = ShiraEngine(pipe)
+
+    @property
+    def engine(self):
+        return self.switcher.engine
 
     @property
     def adapters(self) -> list[str]:
-        return self.engine.staged
+        return list(self.switcher.list_adapters())
 
     def add(self, path: str | Path, name: str | None = None) -> str:
-        """Load, validate and stage one adapter (SHiRA or LoRA file); returns its listed name."""
-        path = Path(path)
-        name = name or path.stem
-        with self.engine.lock:  # reading a LoRA briefly wraps the pipeline's layers: not mid-generation
-            adapter = load_any(path, self.pipe, max_bytes=self.max_bytes)
-            self.engine.stage(name, adapter)
-        return name
+        """Load, validate and stage one adapter (SHiRA file, PEFT folder or LoRA file)."""
+        return self.switcher.load_adapter(Path(path), adapter_name=name or Path(path).stem, max_bytes=self.max_bytes)
+
+    def remove(self, name: str) -> None:
+        self.switcher.delete_adapters(name)
 
     def scan(self, folder: str | Path) -> list[str]:
         """Stage every adapter in ``folder``; one report line per file, bad files skipped."""
@@ -58,59 +64,171 @@ class Studio:
                 lines.append(f"skipped {path.name}: {err}")
         return lines
 
-    def generate(self, prompt: str, negative: str, seed: int, steps: int, guidance: float, adapter: str, scale: float):
-        """Switch to ``adapter`` at ``scale`` and render, atomically; returns ``(image, status)``."""
-        with self.engine.lock:
-            self.engine.apply(None if adapter in (None, "", NONE) else {adapter: scale})
-            switch_ms = self.engine.last_switch_s * 1000
-            start = time.perf_counter()
-            image = self.pipe(
+    def library_rows(self) -> list[list]:
+        rows = []
+        for name, info in self.switcher.list_adapters().items():
+            density = f"{info['density']:.3%}" if info.get("density") is not None else f"rank {info.get('rank')}"
+            size = f"{info['bytes'] / 2**20:.2f} MB" if info.get("bytes") else "-"
+            rows.append([name, info["kind"], info.get("mask") or "-", density, f"{info['params']:,}", size, info["dtype"],
+                         "yes", "yes" if info["active"] else ""])
+        return rows
+
+    def generate(self, prompt: str, negative: str, seed: int, steps: int, guidance: float, adapters: dict[str, float] | None,
+                 width: int | None = None, height: int | None = None):
+        """Switch to ``adapters`` and render, atomically; returns ``(image, status)``."""
+        adapters = {k: v for k, v in (adapters or {}).items() if k and k != NONE}
+        start = time.perf_counter()
+        with self.switcher.engine.lock:
+            self.switcher.set_adapters(adapters)
+            switch_ms = self.switcher.last_switch_ms
+            image = self.switcher(
                 prompt,
                 negative_prompt=negative or None,
                 num_inference_steps=int(steps),
                 guidance_scale=float(guidance),
+                width=int(width) if width else None,
+                height=int(height) if height else None,
                 generator=torch.Generator().manual_seed(int(seed)),
             ).images[0]
-        took = time.perf_counter() - start
-        which = "base model" if adapter in (None, "", NONE) else f"{adapter} x{scale:g}"
+        took = time.perf_counter() - start - switch_ms / 1000
+        which = " + ".join(f"{k} x{v:g}" for k, v in adapters.items()) or "base model"
         return image, f"{which}: switch {switch_ms:.1f} ms, generation {took:.2f} s"
+
+    def compare(self, prompt: str, adapters: list[str], lora_pair: list[str], seeds: str, steps: int, guidance: float):
+        """Grid image, a markdown report of concept loss, and the grid saved as a PNG file."""
+        seed_list = [int(s) for s in str(seeds).replace(",", " ").split()] or [0]
+        grid, details = self.switcher.compare(prompt, adapters, seeds=seed_list, lora_pair=lora_pair or None, return_details=True,
+                                              num_inference_steps=int(steps), guidance_scale=float(guidance))
+        lines = [f"Columns: {' | '.join(details['columns'])}"]
+        if "image_retention" in details:
+            lines.append("\n**Image space** (retention: 1 = the fusion keeps the adapter's look, 0 = lost as far as the base)\n")
+            lines.append("| adapter | retention | fused vs alone | base vs alone |\n|---|---|---|---|")
+            for name, value in details["image_retention"].items():
+                d = details["image_distance"][name]
+                lines.append(f"| {name} | {value:.3f} | {d['fused_vs_alone']:.4f} | {d['base_vs_alone']:.4f} |")
+            for name, value in details.get("lora_image_retention", {}).items():
+                lines.append(f"| {name} (LoRA) | {value:.3f} | | |")
+        if details.get("weight_space"):
+            lines.append("\n**Weight space**\n\n| pair | index overlap | AWOM | AWOR |\n|---|---|---|---|")
+            for pair, m in details["weight_space"].items():
+                lines.append(f"| {pair} | {m['overlap']:.4%} | {m['awom']:.4g} | {m['awor']:.4f} |")
+        out = Path(tempfile.mkdtemp(prefix="shira_compare_")) / "compare.png"
+        grid.save(out)
+        return grid, "\n".join(lines), str(out)
 
 
 def build_ui(studio: Studio):
     import gradio as gr
 
-    def choices():
-        return [NONE, *studio.adapters]
+    def names():
+        return studio.adapters
+
+    def refreshed(status: str):
+        choices = names()
+        updates = [gr.update(choices=[NONE, *choices])]
+        updates += [gr.update(choices=["", *choices]) for _ in range(FUSE_SLOTS)]
+        updates += [gr.update(choices=choices, value=[]), gr.update(choices=choices, value=[]), gr.update(choices=choices, value=None)]
+        return [*updates, studio.library_rows(), status]
 
     def upload(file):
         if file is None:
-            return gr.update(), "no file"
+            return refreshed("no file")
         try:
             name = studio.add(file, Path(file).stem)
-        except (AdapterError, ValueError) as err:
-            return gr.update(), f"rejected: {err}"
-        return gr.update(choices=choices(), value=name), f"loaded {name}"
+        except (AdapterError, ValueError, OSError) as err:
+            return refreshed(f"rejected {Path(file).name}: {err}")
+        return refreshed(f"loaded **{name}**")
 
-    def run(prompt, negative, seed, steps, guidance, adapter, scale, progress=gr.Progress(track_tqdm=True)):
-        return studio.generate(prompt, negative, seed, steps, guidance, adapter, scale)
+    def remove(name):
+        if not name:
+            return refreshed("pick an adapter to remove")
+        try:
+            studio.remove(name)
+        except KeyError as err:
+            return refreshed(str(err))
+        return refreshed(f"removed **{name}**")
 
+    def run(prompt, negative, seed, steps, guidance, width, height, mode, swap_name, swap_scale, *fuse,
+            progress=gr.Progress(track_tqdm=True)):
+        if mode == "swap":
+            adapters = {swap_name: swap_scale} if swap_name and swap_name != NONE else {}
+        else:
+            adapters = {}
+            for name, weight in zip(fuse[::2], fuse[1::2]):
+                if name:
+                    adapters[name] = adapters.get(name, 0.0) + weight
+        try:
+            return studio.generate(prompt, negative, seed, steps, guidance, adapters, width, height)
+        except (AdapterError, KeyError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+
+    def run_compare(prompt, adapters, lora_pair, seeds, steps, guidance, progress=gr.Progress(track_tqdm=True)):
+        try:
+            return studio.compare(prompt, adapters, lora_pair, seeds, steps, guidance)
+        except (AdapterError, KeyError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+
+    default_size = studio.pipe.default_sample_size * studio.pipe.vae_scale_factor
     with gr.Blocks(title="shira-studio") as page:
         gr.Markdown(f"# shira-studio\n{studio.label}")
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="Prompt", value="a photo of a red square")
-                negative = gr.Textbox(label="Negative prompt")
-                with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0)
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="Guidance")
-                adapter = gr.Dropdown(choices(), value=NONE, label="Adapter")
-                scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Adapter scale")
-                upload_box = gr.File(label="Add a SHiRA adapter (.safetensors)", file_types=[".safetensors"], type="filepath")
-                button = gr.Button("Generate", variant="primary")
-            with gr.Column():
-                image = gr.Image(label="Result", type="pil")
-                status = gr.Markdown()
-        upload_box.upload(upload, upload_box, [adapter, status])
-        button.click(run, [prompt, negative, seed, steps, guidance, adapter, scale], [image, status])
-    return page
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", value="a photo of a red square")
+                    negative = gr.Textbox(label="Negative prompt")
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=0, precision=0)
+                        steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                        guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="Guidance")
+                    with gr.Row():
+                        width = gr.Slider(64, 2048, value=default_size, step=8, label="Width")
+                        height = gr.Slider(64, 2048, value=default_size, step=8, label="Height")
+                    mode = gr.Radio(["swap", "fuse"], value="swap", label="Mode")
+                    with gr.Group():
+                        swap_name = gr.Dropdown([NONE, *names()], value=NONE, label="Adapter (swap)")
+                        swap_scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Scale (swap)")
+                    fuse_inputs = []
+                    with gr.Accordion("Fuse: adapters and weights", open=False):
+                        for i in range(FUSE_SLOTS):
+                            with gr.Row():
+                                fuse_inputs.append(gr.Dropdown(["", *names()], value="", label=f"Adapter {i + 1}"))
+                                fuse_inputs.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=f"Weight {i + 1}"))
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column():
+                    image = gr.Image(label="Result", type="pil", elem_id="result")
+                    status = gr.Markdown(elem_id="status")
+        with gr.Tab("Compare"):
+            with gr.Row():
+                with gr.Column():
+                    c_prompt = gr.Textbox(label="Prompt", value="a photo of a red square")
+                    c_adapters = gr.CheckboxGroup(names(), label="Adapters (each alone, then fused)")
+                    c_lora = gr.CheckboxGroup(names(), label="LoRA counterparts (each alone, then fused)")
+                    c_seeds = gr.Textbox(label="Seeds", value="0, 1")
+                    with gr.Row():
+                        c_steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                        c_guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="Guidance")
+                    c_button = gr.Button("Compare", variant="primary")
+                with gr.Column():
+                    c_grid = gr.Image(label="base | each adapter | fusion", type="pil")
+                    c_report = gr.Markdown()
+                    c_file = gr.File(label="Download grid (PNG)")
+        with gr.Tab("Library"):
+            table = gr.Dataframe(
+                headers=["name", "kind", "mask", "density", "params", "size", "dtype", "fits model", "active"],
+                value=studio.library_rows(), interactive=False,
+            )
+            upload_box = gr.File(label=f"Add an adapter (.safetensors, at most {studio.max_bytes // 2**20} MB)",
+                                 file_types=[".safetensors"], type="filepath")
+            with gr.Row():
+                remove_name = gr.Dropdown(names(), label="Remove adapter")
+                remove_button = gr.Button("Remove")
+            library_status = gr.Markdown()
+
+        choice_outputs = [swap_name, *fuse_inputs[::2], c_adapters, c_lora, remove_name, table, library_status]
+        upload_box.upload(upload, upload_box, choice_outputs, api_name="upload")
+        remove_button.click(remove, remove_name, choice_outputs, api_name="remove")
+        button.click(run, [prompt, negative, seed, steps, guidance, width, height, mode, swap_name, swap_scale, *fuse_inputs],
+                     [image, status], api_name="generate")
+        c_button.click(run_compare, [c_prompt, c_adapters, c_lora, c_seeds, c_steps, c_guidance], [c_grid, c_report, c_file],
+                       api_name="compare")
+    return page.queue(default_concurrency_limit=4)

@@ -5,6 +5,7 @@ from .engine import ShiraEngine
 from .lora import LoraAdapter, LoraDelta
 from .masks import MASK_KINDS, budget, calibration_scores, make_mask, make_masks
 from .metrics import interference
+from .pipeline import ShiraPipelineSwitcher
 from .targets import DEFAULT_TARGETS, find_targets
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "LoraAdapter",
     "LoraDelta",
     "ShiraEngine",
+    "ShiraPipelineSwitcher",
     "SparseAdapter",
     "SparseDelta",
     "budget",

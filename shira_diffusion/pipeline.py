@@ -43,3 +43,164 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | torch.dtyp
         else:
             pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True)
     return pipe.to(device, torch_dtype)
+
+
+class ShiraPipelineSwitcher:
+    """One diffusers SDXL pipeline plus a library of adapters swapped or fused into it in place.
+
+    Mirrors diffusers' adapter API (``load_adapter``/``set_adapters``/``disable_adapters``/
+    ``delete_adapters``/``get_active_adapters``). Generation and switching share the engine's
+    lock: ``sw(prompt, adapters=...)`` switches and generates as one step, so concurrent callers
+    each get exactly the set they asked for.
+    """
+
+    _KEEP = object()
+
+    def __init__(self, pipe) -> None:
+        from .engine import ShiraEngine
+
+        self.pipe = pipe
+        self.engine = ShiraEngine(pipe)
+        self._info: dict[str, dict] = {}
+        self._adapters: dict[str, object] = {}  # for weight-space comparisons
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str, torch_dtype: torch.dtype | None = None, device: str | None = None, **kwargs) -> "ShiraPipelineSwitcher":
+        """A hub id or a local diffusers folder (``demo`` for the built-in offline pipeline)."""
+        if kwargs:
+            from diffusers import StableDiffusionXLPipeline
+
+            device = device or default_device()
+            dtype = resolve_dtype(torch_dtype, device)
+            return cls(StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype, **kwargs).to(device))
+        return cls(load_pipeline(model, device=device, dtype=torch_dtype or "auto"))
+
+    @classmethod
+    def from_single_file(cls, path: str, torch_dtype: torch.dtype | None = None, device: str | None = None) -> "ShiraPipelineSwitcher":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such checkpoint file")
+        return cls(load_pipeline(str(path), device=device, dtype=torch_dtype or "auto"))
+
+    @classmethod
+    def demo(cls) -> "ShiraPipelineSwitcher":
+        return cls(load_pipeline(DEMO, device="cpu", dtype=torch.float32))
+
+    # ---- the adapter library ---------------------------------------------------------------------
+    def load_adapter(self, adapter, adapter_name: str | None = None, max_bytes: int | None = None) -> str:
+        """Validate an adapter against the pipeline and stage it; returns its name.
+
+        ``adapter`` is a SHiRA file, a PEFT SHiRA folder, a LoRA file, or a ``SparseAdapter`` /
+        ``LoraAdapter``. A mismatch (fingerprint, shapes, unknown modules) raises ``AdapterError``
+        and leaves the pipeline and the library as they were.
+        """
+        from .adapter import AdapterError, SparseAdapter, fingerprint
+        from .interop import load_any
+
+        source = None
+        with self.engine.lock:
+            if not hasattr(adapter, "deltas"):
+                source = Path(adapter)
+                adapter = load_any(source, self.pipe, max_bytes=max_bytes)
+            name = adapter_name or (source.stem if source is not None else f"adapter_{len(self._info)}")
+            if name in self._info:
+                raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+            expected = adapter.metadata.get("fingerprint") if isinstance(adapter, SparseAdapter) else None
+            if expected:
+                shapes = {}
+                for key in adapter.deltas:
+                    shapes[key] = tuple(self.engine.weight(key).shape)
+                if fingerprint(shapes) != expected:
+                    raise AdapterError(f"{name}: made for another model (fingerprint {expected} != {fingerprint(shapes)} here)")
+            self.engine.stage(name, adapter)
+            self._info[name] = self._describe(adapter, source)
+            self._adapters[name] = adapter
+        return name
+
+    @staticmethod
+    def _describe(adapter, source: Path | None) -> dict:
+        from .adapter import SparseAdapter
+
+        info = {
+            "kind": "shira" if isinstance(adapter, SparseAdapter) else "lora",
+            "params": adapter.num_params,
+            "components": adapter.components,
+            "source": str(source) if source else None,
+            "bytes": (source.stat().st_size if source.is_file() else None) if source else None,
+        }
+        if isinstance(adapter, SparseAdapter):
+            info.update(mask=adapter.metadata.get("mask"), density=adapter.density,
+                        dtype=str(adapter.dtype).replace("torch.", ""), base_model=adapter.metadata.get("base_model"))
+        else:
+            info.update(mask="lora", density=None, dtype=str(next(iter(adapter.deltas.values())).up.dtype).replace("torch.", ""),
+                        base_model=None, rank=max(d.rank for d in adapter.deltas.values()))
+        return info
+
+    def list_adapters(self) -> dict[str, dict]:
+        """``{name: metadata}`` for every loaded adapter (all fit the pipeline: they were checked)."""
+        with self.engine.lock:
+            return {name: dict(info, active=name in self.engine.active) for name, info in self._info.items()}
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        with self.engine.lock:
+            missing = [n for n in names if n not in self._info]
+            if missing:
+                raise KeyError(f"no adapter named {missing[0]!r} is loaded")
+            for name in names:
+                self.engine.unstage(name)
+                del self._info[name], self._adapters[name]
+
+    # ---- switching -------------------------------------------------------------------------------
+    @staticmethod
+    def _scales(adapter_names, adapter_weights=None) -> dict[str, float]:
+        if adapter_names is None:
+            return {}
+        if isinstance(adapter_names, dict):
+            return {str(k): float(v) for k, v in adapter_names.items()}
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(adapter_weights, (int, float)):
+            weights = [float(adapter_weights)] * len(names)
+        else:
+            weights = [float(w) for w in adapter_weights]
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
+        return dict(zip(names, weights))
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Swap (one name) or fuse (several, weighted) in place; ``None`` or ``[]`` is the base."""
+        self.engine.apply(self._scales(adapter_names, adapter_weights))
+
+    def disable_adapters(self) -> None:
+        """Back to the base model, bit-exact."""
+        self.engine.restore()
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.engine.active)
+
+    @property
+    def last_switch_ms(self) -> float:
+        return self.engine.last_switch_s * 1000
+
+    def __call__(self, prompt=None, *args, adapters=_KEEP, adapter_weights=None, **kwargs):
+        """Generate; with ``adapters=`` (a name, names, ``{name: weight}`` or None) switch first,
+        atomically with the generation."""
+        with self.engine.lock:
+            if adapters is not self._KEEP:
+                self.set_adapters(adapters, adapter_weights)
+            return self.pipe(prompt, *args, **kwargs)
+
+    # ---- comparing -------------------------------------------------------------------------------
+    def compare(self, prompt: str, adapters: list[str], seeds=(0,), adapter_weights=None, lora_pair: list[str] | None = None,
+                return_details: bool = False, **kwargs):
+        """A labelled grid, one row per seed: base | each adapter alone | their fusion
+        (| the fusion of ``lora_pair``, LoRA counterparts of the same concepts).
+
+        With ``return_details`` also returns the images and concept-loss figures: how far the
+        fused image moved from each adapter's own image, against how far the base is from it.
+        """
+        from .compare import compare_sets
+
+        return compare_sets(self, prompt, list(adapters), list(seeds), adapter_weights, lora_pair, return_details, **kwargs)

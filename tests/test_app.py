@@ -7,8 +7,8 @@ import torch
 
 from app.cli import parse_args
 from app.studio import NONE, Studio, build_ui, load_pipeline
-from shira_diffusion import find_targets
-from shira_diffusion.testing import random_adapter
+from shira_diffusion import SparseAdapter, find_targets
+from shira_diffusion.testing import random_adapter, tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +35,12 @@ def test_single_file_checkpoint_must_be_safetensors(tmp_path):
 
 
 @pytest.fixture
-def studio(tiny_pipe, tmp_path):
-    s = Studio(tiny_pipe, "demo", max_bytes=10 * 2**20)
-    yield s
-    s.engine.restore()
+def studio():
+    return Studio(tiny_sdxl_pipeline(seed=0), "demo", max_bytes=10 * 2**20)
 
 
-def test_scan_loads_good_adapters_and_reports_bad_ones(studio, tiny_pipe, tmp_path):
-    random_adapter(find_targets(tiny_pipe), density=0.05, seed=1).save(tmp_path / "good.safetensors")
+def test_scan_loads_good_adapters_and_reports_bad_ones(studio, tmp_path):
+    random_adapter(find_targets(studio.pipe), density=0.05, seed=1).save(tmp_path / "good.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     lines = studio.scan(tmp_path)
     assert lines[0].startswith("skipped bad.safetensors: ") and "not a readable safetensors file" in lines[0]
@@ -50,14 +48,14 @@ def test_scan_loads_good_adapters_and_reports_bad_ones(studio, tiny_pipe, tmp_pa
     assert studio.adapters == ["good"]
 
 
-def test_generate_switches_and_returns_to_base_exactly(studio, tiny_pipe, tmp_path):
-    random_adapter(find_targets(tiny_pipe), density=0.05, seed=2, std=0.3).save(tmp_path / "style.safetensors")
+def test_generate_switches_and_returns_to_base_exactly(studio, tmp_path):
+    random_adapter(find_targets(studio.pipe), density=0.05, seed=2, std=0.3).save(tmp_path / "style.safetensors")
     studio.scan(tmp_path)
-    base, status = studio.generate("a red square", "", 0, 3, 5.0, NONE, 1.0)
+    base, status = studio.generate("a red square", "", 0, 3, 5.0, {NONE: 1.0})
     assert base.size == (64, 64) and status.startswith("base model: switch")
-    styled, status = studio.generate("a red square", "", 0, 3, 5.0, "style", 1.0)
+    styled, status = studio.generate("a red square", "", 0, 3, 5.0, {"style": 1.0})
     assert status.startswith("style x1: switch")
-    again, _ = studio.generate("a red square", "", 0, 3, 5.0, NONE, 1.0)
+    again, _ = studio.generate("a red square", "", 0, 3, 5.0, None)
     as_tensor = lambda im: torch.tensor(list(im.getdata()))
     assert not torch.equal(as_tensor(base), as_tensor(styled))
     assert torch.equal(as_tensor(base), as_tensor(again))
@@ -76,5 +74,29 @@ def test_scan_also_lists_lora_files(studio, tmp_path):
     save_file({f"{prefix}.lora_down.weight": torch.randn(2, 64), f"{prefix}.lora_up.weight": torch.randn(64, 2)},
               str(tmp_path / "kohya_style.safetensors"))
     assert studio.scan(tmp_path) == ["loaded kohya_style from kohya_style.safetensors"]
-    image, status = studio.generate("a red square", "", 0, 2, 5.0, "kohya_style", 0.5)
+    image, status = studio.generate("a red square", "", 0, 2, 5.0, {"kohya_style": 0.5})
     assert status.startswith("kohya_style x0.5: switch") and image.size == (64, 64)
+
+
+def test_library_rows_and_remove(studio, tmp_path):
+    random_adapter(find_targets(studio.pipe), "wm", density=0.05, seed=1).save(tmp_path / "a.safetensors")
+    studio.scan(tmp_path)
+    [row] = studio.library_rows()
+    adapter = SparseAdapter.load(tmp_path / "a.safetensors")
+    assert row[:3] == ["a", "shira", "wm"] and row[3] == f"{adapter.density:.3%}" and row[4] == f"{adapter.num_params:,}"
+    assert row[7] == "yes" and row[8] == ""
+    studio.remove("a")
+    assert studio.library_rows() == []
+
+
+def test_compare_report_and_download(studio, tmp_path):
+    weights = find_targets(studio.pipe)
+    random_adapter(weights, density=0.05, seed=1, std=0.3).save(tmp_path / "a.safetensors")
+    random_adapter(weights, density=0.05, seed=2, std=0.3).save(tmp_path / "b.safetensors")
+    studio.scan(tmp_path)
+    grid, report, path = studio.compare("a fox", ["a", "b"], [], "0 1", 2, 5.0)
+    assert grid.size == (4 * 64, 2 * 82)
+    assert "Columns: base | a | b | a+b" in report and "| a | " in report and "| a|b | " in report
+    from PIL import Image
+
+    assert Image.open(path).size == grid.size
