@@ -1,0 +1,113 @@
+"""The studio served for real on a free local port: an API client and a headless browser drive it."""
+
+import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from app.studio import DEMO_LABEL, NONE, Studio, build_ui
+from shira_diffusion import find_targets
+from shira_diffusion.testing import random_adapter, tiny_sdxl_pipeline
+
+FUSE_OFF = ["", 1.0] * 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    studio = Studio(tiny_sdxl_pipeline(seed=0), DEMO_LABEL, max_bytes=2 * 2**20)
+    weights = find_targets(studio.pipe)
+    random_adapter(weights, "rand", density=0.05, seed=1, std=0.3).save(folder / "a.safetensors")
+    random_adapter(weights, "wm", density=0.05, seed=2, std=0.3).save(folder / "b.safetensors")
+    studio.scan(folder)
+    page = build_ui(studio)
+    port = free_port()
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield studio, f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def generate_args(mode="swap", swap=NONE, scale=1.0, fuse=FUSE_OFF + ["", 1.0], seed=0):
+    return ["a red square", "", seed, 2, 5.0, 64, 64, mode, swap, scale, *fuse]
+
+
+def pixels(path):
+    return list(Image.open(path).convert("RGB").getdata())
+
+
+def test_api_generates_in_swap_and_fuse_modes(served):
+    from gradio_client import Client
+
+    studio, url = served
+    client = Client(url, verbose=False)
+    base_path, status = client.predict(*generate_args(), api_name="/generate")
+    assert status.startswith("base model: switch")
+    a_path, status = client.predict(*generate_args(swap="a"), api_name="/generate")
+    assert status.startswith("a x1: switch")
+    fused_path, status = client.predict(*generate_args(mode="fuse", fuse=["a", 1.0, "b", 0.5, "", 1.0, "", 1.0]), api_name="/generate")
+    assert status.startswith("a x1 + b x0.5: switch")
+    assert studio.switcher.get_active_adapters() == ["a", "b"]
+    assert pixels(base_path) != pixels(a_path) != pixels(fused_path)
+
+
+def test_api_upload_of_a_bad_file_changes_nothing(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    studio, url = served
+    before = studio.library_rows()
+    bad = tmp_path / "evil.safetensors"
+    bad.write_bytes(b"\x80\x04 pickled payload")
+    result = Client(url, verbose=False).predict(handle_file(str(bad)), api_name="/upload")
+    assert "rejected evil.safetensors" in result[-1] and "not a readable safetensors file" in result[-1]
+    assert studio.library_rows() == before
+
+
+def test_concurrent_tabs_each_get_their_own_adapters(served):
+    from gradio_client import Client
+
+    _, url = served
+    requests = [generate_args(), generate_args(swap="a"), generate_args(swap="b"),
+                generate_args(mode="fuse", fuse=["a", 1.0, "b", 1.0, "", 1.0, "", 1.0])]
+    alone = [pixels(Client(url, verbose=False).predict(*r, api_name="/generate")[0]) for r in requests]
+
+    def run(i):
+        return i, pixels(Client(url, verbose=False).predict(*requests[i % 4], api_name="/generate")[0])
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(12)))
+    assert all(image == alone[i % 4] for i, image in results)
+
+
+def test_browser_clicks_generate_and_sees_an_image(served, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    _, url = served
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "the browser test needs Chromium: apt-get install chromium (.ci/run installs it)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.click("#generate")
+            page.wait_for_selector("#result img", timeout=120_000)
+            page.wait_for_function("document.querySelector('#status') && document.querySelector('#status').innerText.includes('switch')",
+                                   timeout=60_000)
+            shot = tmp_path / "studio.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert Image.open(shot).size[0] > 300
