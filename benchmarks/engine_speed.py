@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from shira_diffusion import ShiraEngine, SparseAdapter, budget, find_targets
-from shira_diffusion.testing import random_adapter, sdxl_unet
+from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA-equivalent rank of the budget (default 16)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (default fp32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    parser.add_argument("--reduced", action="store_true", help="tiny SDXL-layout UNet instead of the full one (smoke runs)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,7 +72,10 @@ def main() -> None:
     results: dict = {"config": {**vars(args), "out": str(args.out), "torch": torch.__version__, "machine": platform.machine()}}
 
     t0 = time.perf_counter()
-    unet = sdxl_unet(dtype)
+    unet = tiny_sdxl_unet(seed=0) if args.reduced else sdxl_unet(dtype)
+    torch.nn.Module.to(unet, dtype)
+    if args.reduced:
+        args.rank = min(args.rank, 2)
     weights = find_targets({"unet": unet})
     results["config"]["build_unet_s"] = round(time.perf_counter() - t0, 2)
     a = random_adapter(weights, rank=args.rank, seed=1, dtype=dtype, std=1e-3)

@@ -53,12 +53,10 @@ def test_list_and_delete_adapters(sw):
     assert info["components"] == ["text_encoder", "unet"] and info["bytes"] > 0 and info["active"] is False
     sw.set_adapters("paintings")
     assert sw.list_adapters()["paintings"]["active"] is True
-    base_after_delete = None
     sw.delete_adapters("paintings")
     assert set(sw.list_adapters()) == {"bluefire"} and sw.get_active_adapters() == []
     with pytest.raises(KeyError):
         sw.delete_adapters("paintings")
-    del base_after_delete
 
 
 def test_mismatched_or_corrupt_adapter_changes_nothing(sw, tmp_path):

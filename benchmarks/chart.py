@@ -1,0 +1,28 @@
+"""Horizontal bar charts as PNG with Pillow only (no plotting dependency for the benchmarks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = ["#d1495b", "#00798c", "#edae49", "#30638e", "#66a182", "#8d96a3"]
+
+
+def bar_chart(path: str | Path, title: str, bars: list[tuple[str, float]], unit: str = "s", width: int = 900) -> Path:
+    """One bar per ``(label, value)``, scaled to the largest, value printed at the bar's end."""
+    font = ImageFont.load_default()
+    row, left, top = 26, 260, 34
+    image = Image.new("RGB", (width, top + row * len(bars) + 12), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill="black", font=font)
+    biggest = max((v for _, v in bars), default=1.0) or 1.0
+    for i, (label, value) in enumerate(bars):
+        y = top + i * row
+        length = int((width - left - 110) * value / biggest)
+        draw.text((10, y + 6), label, fill="black", font=font)
+        draw.rectangle((left, y + 3, left + max(1, length), y + row - 5), fill=COLOURS[i % len(COLOURS)])
+        draw.text((left + length + 6, y + 6), f"{value:.4g} {unit}", fill="black", font=font)
+    path = Path(path)
+    image.save(path)
+    return path

@@ -1,0 +1,325 @@
+"""Switching, loading, fusing, exactness, file size, inference overhead and RAM: SHiRA (this
+project) side by side with diffusers LoRA (PEFT backend) and PEFT's own SHiRA, in one run.
+
+Setting: the full-size SDXL-base UNet with random weights, the 560 default attention targets,
+LoRA rank r vs SHiRA with r*(rows+cols) entries per weight (equal parameter count). Every method
+runs on the same UNet, one after the other; ratios compare methods within this run.
+
+    python benchmarks/switching.py --rank 16 --dtype fp32 --out benchmarks/results/switching_r16_fp32.json
+    python benchmarks/switching.py --reduced --repeats 1      # tiny UNet: a smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from shira_diffusion import ShiraEngine, SparseAdapter, budget, find_targets
+from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def clock(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(fn, repeats: int, before=None, after=None) -> float:
+    samples = []
+    for _ in range(repeats):
+        if before:
+            before()
+        samples.append(clock(fn))
+        if after:
+            after()
+    return statistics.median(samples)
+
+
+def drift(unet, base: dict) -> dict:
+    """Elements of the base weights that differ from the original (PEFT wrappers' names mapped back)."""
+    changed, worst = 0, 0.0
+    for name, value in unet.state_dict().items():
+        ref = base.get(name.replace(".base_layer", ""))
+        if ref is None:
+            continue
+        diff = value.float() - ref.float()
+        changed += int((value != ref).sum())
+        worst = max(worst, float(diff.abs().max()))
+    return {"elements_changed": changed, "max_abs_error": worst}
+
+
+def lora_files(weights: dict, rank: int, dtype: torch.dtype, folder: Path, seeds=(1, 2, 3)) -> list[Path]:
+    """diffusers-format LoRA files (what ``save_lora_weights`` writes) with random, non-zero factors."""
+    paths = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for key, w in weights.items():
+            path = key.removeprefix("unet.")
+            tensors[f"unet.{path}.lora.down.weight"] = (torch.randn(rank, w.shape[1], generator=g) * 0.01).to(dtype)
+            tensors[f"unet.{path}.lora.up.weight"] = (torch.randn(w.shape[0], rank, generator=g) * 0.01).to(dtype)
+        out = folder / f"lora_{seed}.safetensors"
+        save_file(tensors, str(out))
+        paths.append(out)
+    return paths
+
+
+def measure_floor(weights, adapters, dtype, args) -> dict:
+    """Sorted ``index_copy_`` of A's entries, then B's, into one flat buffer of the targets' size."""
+    offsets, total = {}, 0
+    for key, w in weights.items():
+        offsets[key], total = total, total + w.numel()
+    flat = torch.zeros(total, dtype=dtype)
+    idx = [torch.cat([a.deltas[k].indices.long() + offsets[k] for k in a.deltas]) for a in adapters[:2]]
+    val = [torch.cat([a.deltas[k].values for k in a.deltas]) for a in adapters[:2]]
+    return {
+        "floor_one_copy_s": median(lambda: flat.index_copy_(0, idx[0], val[0]), args.repeats),
+        "floor_switch_s": median(lambda: (flat.index_copy_(0, idx[0], val[0]), flat.index_copy_(0, idx[1], val[1])), args.repeats),
+    }
+
+
+def bench_ours(unet, weights, adapters, args, folder: Path, base: dict) -> dict:
+    files = [a.save(folder / f"shira_{i}.safetensors") for i, a in enumerate(adapters)]
+    res: dict = {"entries": adapters[0].num_params}
+    engine = ShiraEngine({"unet": unet})
+
+    def load_and_apply():
+        engine.stage("a", SparseAdapter.load(files[0]))
+        engine.apply("a")
+
+    def unload():
+        engine.restore()
+        engine.unstage("a")
+
+    SparseAdapter.load(files[0])  # warm the page cache
+    res["load_s"] = median(lambda: SparseAdapter.load(files[0]), args.repeats)
+    res["load_and_apply_s"] = median(load_and_apply, args.repeats, after=unload)
+    for i, name in enumerate("abc"):
+        engine.stage(name, SparseAdapter.load(files[i]))
+    res["apply_s"] = median(lambda: engine.apply("a"), args.repeats, after=engine.restore)
+    res["restore_s"] = median(engine.restore, args.repeats, before=lambda: engine.apply("a"))
+    res["switch_s"] = median(lambda: engine.apply("b"), args.repeats, before=lambda: engine.apply("a"), after=engine.restore)
+    for n in (2, 3):
+        names = "abc"[:n]
+        scales = {k: 0.5 + 0.25 * i for i, k in enumerate(names)}
+        engine.plan_cache_size = 0  # measure building the fused values, not a cached plan
+        res[f"fuse{n}_s"] = median(lambda: engine.apply(scales), args.repeats, after=engine.restore)
+        engine.plan_cache_size = 4
+    engine.apply("a")
+    res["ram_held_bytes_per_adapter"] = sum(
+        p.idx.numel() * p.idx.element_size() + p.orig.numel() * p.orig.element_size() * 2 + p.delta.numel() * p.delta.element_size()
+        for p in engine._staged["a"].values()
+    )
+    res["file_bytes"] = files[0].stat().st_size
+    res["inference"] = {"applied_s": forward_time(unet, args)}
+    engine.restore()
+    res["inference"]["base_s"] = forward_time(unet, args)
+    cycles = 100 if not args.reduced else 20
+    for i in range(cycles):
+        engine.apply(["a", "b", {"a": 1.0, "b": 0.7}, {"a": 0.3, "b": 1.0, "c": 0.5}][i % 4])
+    engine.restore()
+    res["drift_after_%d_cycles" % cycles] = drift(unet, base)
+    for name in "abc":
+        engine.unstage(name)
+    return res
+
+
+def forward_time(unet, args) -> float:
+    cfg = unet.config
+    size = 16 if args.reduced else args.latent
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, size, size, generator=g).to(unet.dtype)
+    text = torch.randn(1, 77, cfg.cross_attention_dim, generator=g).to(unet.dtype)
+    extra = {"text_embeds": torch.randn(1, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim, generator=g).to(unet.dtype),
+             "time_ids": torch.randn(1, 6, generator=g).to(unet.dtype)}
+    with torch.no_grad():
+        run = lambda: unet(x, torch.tensor([500]), encoder_hidden_states=text, added_cond_kwargs=extra)  # noqa: E731
+        run()
+        return median(run, max(3, args.repeats))
+
+
+def bench_diffusers_lora(unet, weights, args, dtype, folder: Path, base: dict) -> dict:
+    files = lora_files(weights, args.rank, dtype, folder)
+    res: dict = {"params": sum(args.rank * (w.shape[0] + w.shape[1]) for w in weights.values()), "file_bytes": files[0].stat().st_size}
+
+    def load(i, name):
+        unet.load_lora_adapter(str(files[i]), prefix="unet", adapter_name=name)
+
+    load(0, "warm")
+    unet.delete_adapters("warm")
+    res["load_s"] = median(lambda: load(0, "a"), args.repeats, after=lambda: unet.delete_adapters("a"))
+    load(0, "a")
+    res["fuse_s"] = median(lambda: unet.fuse_lora(adapter_names=["a"]), args.repeats, after=unet.unfuse_lora)
+    res["load_and_apply_s"] = res["load_s"] + res["fuse_s"]
+    unet.fuse_lora(adapter_names=["a"])
+    res["unfuse_s"] = median(unet.unfuse_lora, args.repeats, before=lambda: unet.fuse_lora(adapter_names=["a"]))
+    load(1, "b")
+    load(2, "c")
+
+    def a_to_b():
+        unet.unfuse_lora()
+        unet.fuse_lora(adapter_names=["b"])
+
+    res["switch_s"] = median(a_to_b, args.repeats, before=lambda: unet.fuse_lora(adapter_names=["a"]), after=unet.unfuse_lora)
+    res["inference"] = {"unfused_s": None}
+    unet.set_adapters(["a"])
+    res["inference"]["unfused_s"] = forward_time(unet, args)
+    for n in (2, 3):
+        names = ["a", "b", "c"][:n]
+        weights_n = [0.5 + 0.25 * i for i in range(n)]
+
+        def fuse():
+            unet.set_adapters(names, weights_n)
+            unet.fuse_lora(adapter_names=names)
+
+        res[f"fuse{n}_s"] = median(fuse, args.repeats, after=unet.unfuse_lora)
+    unet.set_adapters(["a"])
+    for cycles in (1, 10):
+        restore_state(unet, base)  # drift from these cycles alone
+        for _ in range(cycles):
+            unet.fuse_lora(adapter_names=["a"])
+            unet.unfuse_lora()
+        res[f"drift_after_{cycles}_fuse_unfuse"] = drift(unet, base)
+    res["unload_s"] = clock(unet.unload_lora)
+    restore_state(unet, base)
+    return res
+
+
+def bench_peft_shira(unet, weights, args, dtype, folder: Path, base: dict) -> dict:
+    from peft import PeftModel, ShiraConfig, get_peft_model
+
+    names = sorted({k.removeprefix("unet.") for k in weights})
+    res: dict = {}
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        model = get_peft_model(unet, ShiraConfig(r=args.rank, target_modules=names, init_weights=False))
+        model.save_pretrained(str(folder / f"peft_{name}"))
+        unet = model.unload()
+    res["file_bytes"] = (folder / "peft_a" / "adapter_model.safetensors").stat().st_size
+    res["params"] = sum(args.rank * (w.shape[0] + w.shape[1]) for w in weights.values())
+    start = time.perf_counter()
+    model = PeftModel.from_pretrained(unet, str(folder / "peft_a"), adapter_name="a")
+    res["load_s"] = time.perf_counter() - start
+    res["merge_s"] = clock(lambda: model.merge_adapter(["a"]))
+    res["load_and_apply_s"] = res["load_s"] + res["merge_s"]
+    res["unmerge_s"] = clock(model.unmerge_adapter)
+    model.load_adapter(str(folder / "peft_b"), adapter_name="b")
+    model.merge_adapter(["a"])
+
+    def a_to_b():
+        model.unmerge_adapter()
+        model.merge_adapter(["b"])
+
+    res["switch_s"] = clock(a_to_b)
+    model.unmerge_adapter()
+    for cycles in (1, 10):
+        restore_state(model.get_base_model(), base)
+        for _ in range(cycles):
+            model.merge_adapter(["a"])
+            model.unmerge_adapter()
+        res[f"drift_after_{cycles}_merge_unmerge"] = drift(model.get_base_model(), base)
+    unet = model.unload()
+    restore_state(unet, base)
+    return res, unet
+
+
+def restore_state(unet, base: dict) -> None:
+    with torch.no_grad():
+        for name, value in unet.state_dict().items():
+            if name.replace(".base_layer", "") in base:
+                value.copy_(base[name.replace(".base_layer", "")])
+
+
+def ratios(r: dict) -> dict:
+    ours, lora, peft = r["ours"], r["diffusers_lora"], r.get("peft_shira", {})
+    out = {
+        "switch_vs_floor": ours["switch_s"] / ours["floor_switch_s"],
+        "diffusers_switch_over_ours": lora["switch_s"] / ours["switch_s"],
+        "diffusers_load_apply_over_ours": lora["load_and_apply_s"] / ours["load_and_apply_s"],
+        "diffusers_fuse2_over_ours": lora["fuse2_s"] / ours["fuse2_s"],
+        "diffusers_fuse3_over_ours": lora["fuse3_s"] / ours["fuse3_s"],
+        "file_vs_lora": ours["file_bytes"] / lora["file_bytes"],
+        "inference_applied_over_base": ours["inference"]["applied_s"] / ours["inference"]["base_s"],
+        "inference_unfused_lora_over_base": lora["inference"]["unfused_s"] / ours["inference"]["base_s"],
+        "ram_held_over_file": ours["ram_held_bytes_per_adapter"] / ours["file_bytes"],
+    }
+    if peft:
+        out.update(
+            peft_switch_over_ours=peft["switch_s"] / ours["switch_s"],
+            peft_load_apply_over_ours=peft["load_and_apply_s"] / ours["load_and_apply_s"],
+            peft_file_vs_lora=peft["file_bytes"] / lora["file_bytes"],
+        )
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank; SHiRA gets r*(rows+cols) entries per weight")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latent", type=int, default=32, help="latent size for the inference timing (32 = 256 px)")
+    parser.add_argument("--reduced", action="store_true", help="tiny SDXL-layout UNet instead of the full one (smoke runs)")
+    parser.add_argument("--skip-peft", action="store_true", help="leave out PEFT SHiRA (its load takes ~20 s at r16)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    dtype = DTYPES[args.dtype]
+    out = args.out or Path(f"benchmarks/results/switching_r{args.rank}_{args.dtype}{'_reduced' if args.reduced else ''}.json")
+    unet = tiny_sdxl_unet(seed=0) if args.reduced else sdxl_unet(dtype)
+    torch.nn.Module.to(unet, dtype)
+    weights = find_targets({"unet": unet})
+    if args.reduced:
+        args.rank = min(args.rank, 2)
+    assert all(budget(w.shape, rank=args.rank) == args.rank * sum(w.shape) for w in weights.values())
+    results: dict = {"config": {**{k: v for k, v in vars(args).items() if k != "out"}, "targets": len(weights),
+                                "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        adapters = [random_adapter(weights, "rand", rank=args.rank, seed=s, dtype=dtype, std=1e-3) for s in (1, 2, 3)]
+        floor = measure_floor(weights, adapters, dtype, args)  # before the snapshot: both are large
+        # only the target weights are ever written, so only they need a reference copy
+        base = {k.removeprefix("unet.") + ".weight": w.detach().clone() for k, w in weights.items()}
+        results["ours"] = {**floor, **bench_ours(unet, weights, adapters, args, folder, base)}
+        del adapters
+        print("ours", json.dumps(results["ours"]), flush=True)
+        results["diffusers_lora"] = bench_diffusers_lora(unet, weights, args, dtype, folder, base)
+        print("diffusers_lora", json.dumps(results["diffusers_lora"]), flush=True)
+        if not args.skip_peft:
+            results["peft_shira"], unet = bench_peft_shira(unet, weights, args, dtype, folder, base)
+            print("peft_shira", json.dumps(results["peft_shira"]), flush=True)
+    results["ratios"] = ratios(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from chart import bar_chart
+
+    bar_chart(
+        out.with_suffix(".png"),
+        f"SDXL UNet, r{args.rank} {args.dtype}: seconds (lower is better)",
+        [("ours: switch A->B", results["ours"]["switch_s"]), ("diffusers LoRA: unfuse+fuse", results["diffusers_lora"]["switch_s"]),
+         *([("PEFT SHiRA: unmerge+merge", results["peft_shira"]["switch_s"])] if "peft_shira" in results else []),
+         ("ours: load+apply", results["ours"]["load_and_apply_s"]), ("diffusers LoRA: load+fuse", results["diffusers_lora"]["load_and_apply_s"]),
+         *([("PEFT SHiRA: load+merge", results["peft_shira"]["load_and_apply_s"])] if "peft_shira" in results else [])],
+    )
+    print(json.dumps(results["ratios"], indent=2), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

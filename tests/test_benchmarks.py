@@ -1,0 +1,47 @@
+"""Each benchmark script still runs end to end (tiny configurations; no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+    done = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_engine_speed_smoke(tmp_path):
+    run("engine_speed.py", "--reduced", "--repeats", "1", "--out", str(tmp_path / "e.json"))
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["config"]["target_weights"] == 96 and data["file"]["fp16"]["ratio_vs_lora"] > 0
+
+
+def test_restore_exactness_smoke(tmp_path):
+    run("restore_exactness.py", "--cycles", "30", "--check-every", "10", "--out", str(tmp_path / "r.json"))
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert all(r["bit_exact"] and r["checks"] == 3 for r in results.values())
+
+
+def test_switching_smoke(tmp_path):
+    run("switching.py", "--reduced", "--repeats", "1", "--out", str(tmp_path / "s.json"))
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["ours"]["drift_after_20_cycles"] == {"elements_changed": 0, "max_abs_error": 0.0}
+    assert {"diffusers_switch_over_ours", "peft_switch_over_ours", "file_vs_lora"} <= set(data["ratios"])
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_training_memory_smoke(tmp_path, precision):
+    run("training_memory.py", "--reduced", "--steps", "1", "--precisions", precision, "--checkpointing", "off",
+        "--methods", "ours", "peft_lora", "--out", str(tmp_path / "t.json"))
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert [r["method"] for r in data["runs"]] == ["ours", "peft_lora"] and all("error" not in r for r in data["runs"])
+    assert data["runs"][0]["trainable_params"] == data["runs"][1]["trainable_params"]
+    assert len(data["summary"]) == 1
