@@ -50,7 +50,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     device, weight_dtype = args.device, DTYPES[args.precision]
-    unet = tiny_sdxl_unet(seed=0) if args.reduced else sdxl_unet(torch.float32)
+    unet = tiny_sdxl_unet(seed=0) if args.reduced else sdxl_unet(weight_dtype)  # built in its dtype: no fp32 peak
     torch.nn.Module.to(unet, device=device, dtype=weight_dtype)
     unet.requires_grad_(False)
     targets = find_targets({"unet": unet})
