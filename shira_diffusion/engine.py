@@ -76,7 +76,8 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 def _scaled(orig: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
     """``orig + scale * delta`` computed in fp32 (or wider) and cast once, as fusion does."""
     acc = _accumulate_dtype(orig.dtype)
-    return (orig.to(acc) + delta.to(acc) * scale).to(orig.dtype)
+    step = delta.to(acc) if scale == 1.0 else delta.to(acc) * scale  # x * 1.0 == x: skip the copy
+    return (orig.to(acc) + step).to(orig.dtype)
 
 
 class ShiraEngine:

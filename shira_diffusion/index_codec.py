@@ -55,7 +55,7 @@ def encode(indices: torch.Tensor) -> torch.Tensor:
 def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     """Unpack a stream made by :func:`encode`; checks it holds ``count`` indices below ``numel``.
 
-    Returns int32 indices when ``numel`` fits, int64 otherwise.
+    Returns int64 indices (the dtype ``index_copy_`` needs).
     """
     if packed.dtype != torch.uint8 or packed.dim() != 2 or not 1 <= packed.shape[1] <= 8:
         raise IndexCodecError(
@@ -66,9 +66,7 @@ def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     cap = (1 << bits) - 1
     padded = torch.zeros(groups, 8, dtype=torch.uint8)
     padded[:, :bits] = packed
-    # int32 halves the memory traffic of the scan; the running sum bounds the largest index.
-    sum_dtype = torch.int32 if groups * 8 * cap < 2**31 else torch.int64
-    units = ((padded.view(torch.int64) >> _SHIFTS[bits]) & cap).view(-1).to(sum_dtype)
+    units = ((padded.view(torch.int64) >> _SHIFTS[bits]) & cap).view(-1)
     is_end = units != 0
     units.masked_fill_(~is_end, cap)
     indices = torch.masked_select(units.cumsum_(0), is_end)
@@ -77,4 +75,4 @@ def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     indices -= 1
     if count and int(indices[-1]) >= numel:
         raise IndexCodecError(f"index out of range: {int(indices[-1])} >= {numel} entries")
-    return indices.to(torch.int32 if numel < 2**31 else torch.int64)
+    return indices  # int64, what index_copy_ takes: staging needs no conversion
