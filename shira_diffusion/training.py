@@ -31,7 +31,7 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, indices, values):
         with torch.no_grad():
-            weight.view(-1).index_copy_(0, indices, values.to(weight.dtype))
+            weight.view(-1).index_put_((indices,), values.to(weight.dtype))
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x = x.to(dtype)
@@ -84,7 +84,8 @@ class SparseTraining:
             self.modules[key] = module
         for key, module in self.modules.items():
             w = module.weight
-            idx = masks[key].to(w.device, torch.int64)
+            # int32 where it fits: the mask is held for the whole run, int64 would double it
+            idx = masks[key].to(w.device, torch.int32 if w.numel() < 2**31 else torch.int64)
             w.requires_grad_(False)
             base = w.detach().view(-1).index_select(0, idx)
             module.register_buffer("shira_indices", idx, persistent=False)
@@ -103,7 +104,7 @@ class SparseTraining:
     def sync_weights(self) -> None:
         """Write the current values into the weights (the forward does this too)."""
         for m in self.modules.values():
-            m.weight.view(-1).index_copy_(0, m.shira_indices, m.shira_values.to(m.weight.dtype))
+            m.weight.view(-1).index_put_((m.shira_indices,), m.shira_values.to(m.weight.dtype))
 
     @torch.no_grad()
     def export(self, metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> SparseAdapter:
@@ -111,7 +112,7 @@ class SparseTraining:
         deltas = {}
         for key, m in self.modules.items():
             delta = m.shira_values.detach().float() - m.shira_base.float()
-            deltas[key] = SparseDelta(m.shira_indices.cpu(), delta.to(dtype or torch.float32).cpu(), tuple(m.weight.shape))
+            deltas[key] = SparseDelta(m.shira_indices.long().cpu(), delta.to(dtype or torch.float32).cpu(), tuple(m.weight.shape))
         return SparseAdapter(deltas, dict(metadata or {}))
 
     @torch.no_grad()
@@ -119,7 +120,7 @@ class SparseTraining:
         """Set the values to ``original + delta`` (resuming from an exported adapter)."""
         for key, m in self.modules.items():
             d = adapter.deltas[key]
-            if not torch.equal(d.indices.to(m.shira_indices), m.shira_indices):
+            if not torch.equal(d.indices.long().to(m.shira_indices.device), m.shira_indices.long()):
                 raise ValueError(f"{key}: adapter mask differs from the training mask")
             m.shira_values.copy_(m.shira_base.float() + d.values.to(m.shira_values))
         self.sync_weights()
@@ -128,7 +129,7 @@ class SparseTraining:
     def remove(self) -> None:
         """Restore the base weights exactly and detach from the modules."""
         for m in self.modules.values():
-            m.weight.view(-1).index_copy_(0, m.shira_indices, m.shira_base)
+            m.weight.view(-1).index_put_((m.shira_indices,), m.shira_base)
             del m.forward
             del m.shira_values
             del m._buffers["shira_indices"], m._buffers["shira_base"]
