@@ -48,7 +48,7 @@ def compare_sets(sw, prompt: str, adapters: list[str], seeds: list[int], adapter
                  return_details: bool = False, **kwargs) -> Any:
     if not adapters:
         raise ValueError("pick at least one adapter to compare")
-    weights = sw._scales(adapters, adapter_weights)
+    weights = sw.scales(adapters, adapter_weights)
     columns: list[tuple[str, dict | None]] = [("base", None)]
     columns += [(name, {name: weights[name]}) for name in adapters]
     if len(adapters) > 1:
@@ -87,7 +87,7 @@ def _details(sw, adapters, columns, per_seed, lora_pair) -> dict:
         }
         sparse = [n for n in adapters if sw.list_adapters()[n]["kind"] == "shira"]
         details["weight_space"] = {
-            f"{a}|{b}": interference(sw._adapters[a], sw._adapters[b])["aggregate"]
+            f"{a}|{b}": interference(sw.get_adapter(a), sw.get_adapter(b))["aggregate"]
             for i, a in enumerate(sparse) for b in sparse[i + 1 :]
         }
     if lora_pair and len(lora_pair) > 1:

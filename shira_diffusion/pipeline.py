@@ -136,6 +136,10 @@ class ShiraPipelineSwitcher:
                         base_model=None, rank=max(d.rank for d in adapter.deltas.values()))
         return info
 
+    def get_adapter(self, name: str):
+        """The loaded ``SparseAdapter`` / ``LoraAdapter`` object itself (for analysis)."""
+        return self._adapters[name]
+
     def list_adapters(self) -> dict[str, dict]:
         """``{name: metadata}`` for every loaded adapter (all fit the pipeline: they were checked)."""
         with self.engine.lock:
@@ -153,7 +157,8 @@ class ShiraPipelineSwitcher:
 
     # ---- switching -------------------------------------------------------------------------------
     @staticmethod
-    def _scales(adapter_names, adapter_weights=None) -> dict[str, float]:
+    def scales(adapter_names, adapter_weights=None) -> dict[str, float]:
+        """``{name: weight}`` from diffusers-style ``(names, weights)`` (or a dict, or None)."""
         if adapter_names is None:
             return {}
         if isinstance(adapter_names, dict):
@@ -171,7 +176,7 @@ class ShiraPipelineSwitcher:
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
         """Swap (one name) or fuse (several, weighted) in place; ``None`` or ``[]`` is the base."""
-        self.engine.apply(self._scales(adapter_names, adapter_weights))
+        self.engine.apply(self.scales(adapter_names, adapter_weights))
 
     def disable_adapters(self) -> None:
         """Back to the base model, bit-exact."""
