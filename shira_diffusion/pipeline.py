@@ -42,7 +42,8 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | torch.dtyp
             pipe = StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=torch_dtype)
         else:
             pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True)
-    return pipe.to(device, torch_dtype)
+    pipe = pipe.to(device)
+    return pipe if pipe.unet.dtype == torch_dtype else pipe.to(torch_dtype)  # .to(dtype) warns needlessly
 
 
 class ShiraPipelineSwitcher:
