@@ -40,10 +40,6 @@ class Studio:
         self.max_bytes = max_bytes
 
     @property
-    def engine(self):
-        return self.switcher.engine
-
-    @property
     def adapters(self) -> list[str]:
         return list(self.switcher.list_adapters())
 
