@@ -28,24 +28,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from common import median  # benchmarks/ is on the path when run as a script
 from shira_diffusion import ShiraEngine, SparseAdapter, budget, find_targets
 from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def timed(fn, repeats: int, before=None, after=None) -> float:
-    """Median seconds of ``fn()``; ``before``/``after`` run untimed around each call."""
-    samples = []
-    for _ in range(repeats):
-        if before:
-            before()
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-        if after:
-            after()
-    return statistics.median(samples)
 
 
 def lora_file_bytes(weights, rank: int, dtype: torch.dtype, path: Path) -> int:
@@ -92,7 +79,7 @@ def main() -> None:
     flat_buffer = torch.zeros(start, dtype=dtype)
     flat_idx = torch.cat([a.deltas[k].indices.long() + offsets[k] for k in a.deltas])
     flat_val = torch.cat([a.deltas[k].values for k in a.deltas]).to(dtype)
-    t_copy = timed(lambda: flat_buffer.index_copy_(0, flat_idx, flat_val), args.repeats)
+    t_copy = median(lambda: flat_buffer.index_copy_(0, flat_idx, flat_val), args.repeats)
     del flat_buffer, flat_idx, flat_val
 
     # naive: gather originals at apply time, write, restore by writing them back
@@ -117,9 +104,9 @@ def main() -> None:
 
     with torch.no_grad():
         naive = {
-            "apply_s": timed(lambda: naive_apply(a), args.repeats, after=naive_restore),
-            "restore_s": timed(naive_restore, args.repeats, before=lambda: naive_apply(a)),
-            "switch_s": timed(naive_switch, args.repeats, before=lambda: naive_apply(a), after=naive_restore),
+            "apply_s": median(lambda: naive_apply(a), args.repeats, after=naive_restore),
+            "restore_s": median(naive_restore, args.repeats, before=lambda: naive_apply(a)),
+            "switch_s": median(naive_switch, args.repeats, before=lambda: naive_apply(a), after=naive_restore),
         }
     print("naive", naive, flush=True)
 
@@ -165,7 +152,7 @@ def main() -> None:
             sizes[name] = {"shira_bytes": path.stat().st_size, "lora_bytes": lora,
                            "ratio_vs_lora": path.stat().st_size / lora}
             SparseAdapter.load(path)  # warm the page cache
-            sizes[name]["load_s"] = timed(lambda: SparseAdapter.load(path), args.repeats)
+            sizes[name]["load_s"] = median(lambda: SparseAdapter.load(path), args.repeats)
     load_s = sizes["fp16"]["load_s"]
     print("file", sizes, flush=True)
 

@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import platform
-import sys
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,27 +22,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from common import bar_chart, clock, median  # benchmarks/ is on the path when run as a script
 from shira_diffusion import ShiraEngine, SparseAdapter, budget, find_targets
 from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def clock(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def median(fn, repeats: int, before=None, after=None) -> float:
-    samples = []
-    for _ in range(repeats):
-        if before:
-            before()
-        samples.append(clock(fn))
-        if after:
-            after()
-    return statistics.median(samples)
 
 
 def drift(unet, base: dict) -> dict:
@@ -306,9 +288,6 @@ def main(argv=None) -> dict:
     results["ratios"] = ratios(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from chart import bar_chart
-
     bar_chart(
         out.with_suffix(".png"),
         f"SDXL UNet, r{args.rank} {args.dtype}: seconds (lower is better)",

@@ -161,8 +161,7 @@ def main() -> None:
     config = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "method", "precision", "ckpt")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": config, "runs": runs, "summary": summary}, indent=2))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from chart import bar_chart
+    from common import bar_chart  # benchmarks/ is on the path when run as a script
 
     bars = [(f"{r['method']} {r['precision']}{' ckpt' if r['checkpointing'] else ''}", r["overhead_bytes"] / 2**30) for r in runs if "error" not in r]
     bar_chart(out.with_suffix(".png"), "training overhead (peak minus loaded model), GiB", bars, unit="GiB")

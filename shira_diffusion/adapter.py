@@ -123,6 +123,12 @@ def module_patterns(keys: Iterable[str]) -> dict[str, list[str]]:
     return {c: sorted(v) for c, v in sorted(found.items())}
 
 
+def check_file_size(path: Path, max_bytes: int | None) -> None:
+    """Refuse files over ``max_bytes`` before reading any of them."""
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise AdapterError(f"{path}: file is {path.stat().st_size:,} bytes, over the {max_bytes:,} byte limit")
+
+
 def split_key(key: str) -> tuple[str, str]:
     """``"unet.a.b"`` -> ``("unet", "a.b")``; raises :class:`AdapterError` on an unknown component."""
     component, _, path = key.partition(".")
@@ -175,6 +181,14 @@ class SparseAdapter:
     def components(self) -> list[str]:
         return sorted({split_key(k)[0] for k in self.deltas})
 
+    def by_component(self) -> dict[str, tuple[int, int, int]]:
+        """``{component: (weights, params, entries of those weights)}``."""
+        out: dict[str, tuple[int, int, int]] = {}
+        for key, d in self.deltas.items():
+            w, nnz, numel = out.get(split_key(key)[0], (0, 0, 0))
+            out[split_key(key)[0]] = (w + 1, nnz + d.nnz, numel + d.numel)
+        return out
+
     def summary(self) -> str:
         lines = [
             f"SHiRA adapter: {len(self.deltas)} weights, {self.num_params:,} params, "
@@ -183,10 +197,8 @@ class SparseAdapter:
         for name in ("base_model", "mask"):
             if self.metadata.get(name) is not None:
                 lines.append(f"  {name}: {self.metadata[name]}")
-        for component in self.components:
-            parts = [d for k, d in self.deltas.items() if k.startswith(component + ".")]
-            nnz, numel = sum(d.nnz for d in parts), sum(d.numel for d in parts)
-            lines.append(f"  {component}: {len(parts)} weights, {nnz:,} params ({nnz / numel:.4%} of {numel:,})")
+        for component, (weights, nnz, numel) in self.by_component().items():
+            lines.append(f"  {component}: {weights} weights, {nnz:,} params ({nnz / numel:.4%} of {numel:,})")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -266,8 +278,7 @@ class SparseAdapter:
         path = Path(path)
         if not path.is_file():
             raise AdapterError(f"{path}: no such file")
-        if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise AdapterError(f"{path}: file is {path.stat().st_size:,} bytes, over the {max_bytes:,} byte limit")
+        check_file_size(path, max_bytes)
         header, tensors = _read_safetensors(path)
         return _from_parts(header, tensors, str(path)).to(device)
 

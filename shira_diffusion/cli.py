@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .adapter import AdapterError, SparseAdapter
+from .adapter import FORMAT_VERSION, AdapterError, SparseAdapter
 from .interop import load_any
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -37,25 +37,16 @@ def cmd_inspect(args) -> None:
     meta = adapter.metadata
     lines = [
         f"file:        {path} ({size:,} bytes)",
-        f"format:      {'PEFT SHiRA folder' if path.is_dir() else 'SHiRA safetensors, version ' + str(_version(path))}",
+        f"format:      {'PEFT SHiRA folder' if path.is_dir() else f'SHiRA safetensors, version {FORMAT_VERSION}'}",
         f"base model:  {meta.get('base_model')}",
         f"fingerprint: {meta.get('fingerprint') or '-'}",
         f"mask:        {meta.get('mask')}",
         f"params:      {adapter.num_params:,} in {len(adapter.deltas)} weights (density {adapter.density:.4%})",
         f"dtype:       {str(adapter.dtype).replace('torch.', '')}",
     ]
-    for component in adapter.components:
-        parts = [d for k, d in adapter.deltas.items() if k.startswith(component + ".")]
-        nnz, numel = sum(d.nnz for d in parts), sum(d.numel for d in parts)
-        lines.append(f"  {component:15s} {len(parts):4d} weights {nnz:>14,} params  density {nnz / numel:.4%}")
+    for component, (weights, nnz, numel) in adapter.by_component().items():
+        lines.append(f"  {component:15s} {weights:4d} weights {nnz:>14,} params  density {nnz / numel:.4%}")
     print("\n".join(lines))
-
-
-def _version(path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("format_version", "?")
 
 
 def cmd_convert(args) -> None:
@@ -101,15 +92,8 @@ def cmd_diff(args) -> None:
     agg = result["aggregate"]
     print(f"weights: {agg['weights_shared']} shared, {agg['weights_only_a']} only in A, {agg['weights_only_b']} only in B")
     print(f"{'component':15s} {'weights':>7s} {'overlap':>9s} {'AWOM':>10s} {'AWOR':>8s}")
-    by_component: dict[str, list] = {}
-    for key, m in result["per_weight"].items():
-        by_component.setdefault(key.split(".", 1)[0], []).append((key, m))
-    for component, rows in sorted(by_component.items()):
-        shared = sum(m["shared"] for _, m in rows)
-        smaller = sum(min(a.deltas[k].nnz, b.deltas[k].nnz) for k, _ in rows)
-        awom = sum(m["awom"] for _, m in rows) / len(rows)
-        awor = sum(m["awor"] for _, m in rows) / len(rows)
-        print(f"{component:15s} {len(rows):7d} {shared / max(1, smaller):9.4%} {awom:10.4g} {awor:8.4f}")
+    for component, m in result["by_component"].items():
+        print(f"{component:15s} {m['weights_shared']:7d} {m['overlap']:9.4%} {m['awom']:10.4g} {m['awor']:8.4f}")
     print(f"{'all':15s} {agg['weights_shared']:7d} {agg['overlap']:9.4%} {agg['awom']:10.4g} {agg['awor']:8.4f}")
 
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapter import AdapterError, SparseAdapter, SparseDelta, split_key
+from .adapter import AdapterError, SparseAdapter, SparseDelta, check_file_size, split_key
 from .lora import LoraAdapter, LoraDelta
 from .masks import budget
 from .targets import pipeline_components
@@ -246,8 +246,7 @@ def load_any(path: str | os.PathLike, pipe: Any = None, component: str = "unet",
         return SparseAdapter.from_peft(path, component=component, model=model)
     if not path.is_file():
         raise AdapterError(f"{path}: no such file")
-    if max_bytes is not None and path.stat().st_size > max_bytes:
-        raise AdapterError(f"{path}: file is {path.stat().st_size:,} bytes, over the {max_bytes:,} byte limit")
+    check_file_size(path, max_bytes)
     if _is_shira_file(path):
         return SparseAdapter.load(path)
     if pipe is None:

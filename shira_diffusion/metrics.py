@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import AdapterError, SparseAdapter, SparseDelta
+from .adapter import AdapterError, SparseAdapter, SparseDelta, split_key
 
 
 def _shared_count(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -34,22 +34,30 @@ def weight_interference(a: SparseDelta, b: SparseDelta) -> dict[str, float]:
     }
 
 
-def interference(a: SparseAdapter, b: SparseAdapter) -> dict:
-    """Per-weight metrics for the weights both adapters change, and their aggregate.
-
-    The aggregate ``overlap`` pools counts over all shared weights; ``awom`` and ``awor`` are
-    means over them. Weights only one adapter touches cannot interfere and are counted apart.
-    """
-    shared_keys = sorted(a.deltas.keys() & b.deltas.keys())
-    per_weight = {k: weight_interference(a.deltas[k], b.deltas[k]) for k in shared_keys}
-    smaller = sum(min(a.deltas[k].nnz, b.deltas[k].nnz) for k in shared_keys)
+def _pool(a: SparseAdapter, b: SparseAdapter, per_weight: dict[str, dict]) -> dict:
+    """``overlap`` pools counts over the weights; ``awom`` and ``awor`` are means over them."""
+    smaller = sum(min(a.deltas[k].nnz, b.deltas[k].nnz) for k in per_weight)
     n = max(1, len(per_weight))
-    aggregate = {
-        "weights_shared": len(shared_keys),
-        "weights_only_a": len(a.deltas.keys() - b.deltas.keys()),
-        "weights_only_b": len(b.deltas.keys() - a.deltas.keys()),
+    return {
+        "weights_shared": len(per_weight),
         "overlap": sum(m["shared"] for m in per_weight.values()) / max(1, smaller),
         "awom": sum(m["awom"] for m in per_weight.values()) / n,
         "awor": sum(m["awor"] for m in per_weight.values()) / n if per_weight else 1.0,
     }
-    return {"aggregate": aggregate, "per_weight": per_weight}
+
+
+def interference(a: SparseAdapter, b: SparseAdapter) -> dict:
+    """Per-weight metrics for the weights both adapters change, pooled per component and overall.
+
+    Weights only one adapter touches cannot interfere and are counted apart.
+    """
+    shared_keys = sorted(a.deltas.keys() & b.deltas.keys())
+    per_weight = {k: weight_interference(a.deltas[k], b.deltas[k]) for k in shared_keys}
+    aggregate = {
+        **_pool(a, b, per_weight),
+        "weights_only_a": len(a.deltas.keys() - b.deltas.keys()),
+        "weights_only_b": len(b.deltas.keys() - a.deltas.keys()),
+    }
+    components = sorted({split_key(k)[0] for k in shared_keys})
+    by_component = {c: _pool(a, b, {k: m for k, m in per_weight.items() if split_key(k)[0] == c}) for c in components}
+    return {"aggregate": aggregate, "by_component": by_component, "per_weight": per_weight}

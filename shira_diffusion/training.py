@@ -40,7 +40,6 @@ class _SparseLinear(torch.autograd.Function):
         else:
             w, b = weight, bias
         ctx.weight = weight  # the live tensor, not a saved copy: rewritten only by the next forward
-        ctx.compute_dtype = w.dtype
         ctx.save_for_backward(x, indices)
         ctx.values_dtype = values.dtype
         return F.linear(x, w, b)

@@ -51,6 +51,7 @@ def test_aggregate_pools_overlap_and_averages_awom_awor():
     assert agg["weights_shared"] == 1 and agg["weights_only_a"] == 1 and agg["weights_only_b"] == 1
     assert agg["overlap"] == 0.5  # 1 shared of the smaller side's 2
     assert agg["awom"] == pytest.approx(2.0)
+    assert out["by_component"] == {"unet": {k: agg[k] for k in ("weights_shared", "overlap", "awom", "awor")}}
 
 
 def test_shape_mismatch_is_an_adapter_error():

@@ -1,10 +1,30 @@
-"""Horizontal bar charts as PNG with Pillow only (no plotting dependency for the benchmarks)."""
+"""What the benchmark scripts share: a median timer and PNG bar charts drawn with Pillow only."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+def clock(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(fn, repeats: int, before=None, after=None) -> float:
+    """Median seconds of ``fn()``; ``before``/``after`` run untimed around each call."""
+    samples = []
+    for _ in range(repeats):
+        if before:
+            before()
+        samples.append(clock(fn))
+        if after:
+            after()
+    return statistics.median(samples)
+
 
 COLOURS = ["#d1495b", "#00798c", "#edae49", "#30638e", "#66a182", "#8d96a3"]
 
