@@ -85,7 +85,8 @@ def _details(sw, adapters, columns, per_seed, lora_pair) -> dict:
                    "base_vs_alone": sum(image_distance(s["base"], s[name])["pixel_l1"] for s in per_seed) / len(per_seed)}
             for name in adapters
         }
-        sparse = [n for n in adapters if sw.list_adapters()[n]["kind"] == "shira"]
+        kinds = sw.list_adapters()
+        sparse = [n for n in adapters if kinds[n]["kind"] == "shira"]
         details["weight_space"] = {
             f"{a}|{b}": interference(sw.get_adapter(a), sw.get_adapter(b))["aggregate"]
             for i, a in enumerate(sparse) for b in sparse[i + 1 :]
