@@ -13,17 +13,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m app",
         description=(
             "shira-studio: load an SDXL pipeline once, then swap SHiRA adapters in place between "
-            "generations. Runs offline on a CPU with --model demo."
+            "generations. With no flags it opens offline on the built-in demo model (a small SDXL-architecture "
+            "model trained on a world of coloured shapes) with its demo adapters loaded."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--model",
         default=DEMO,
-        help="'demo' (tiny built-in pipeline, no download), a hub id, a local diffusers folder, or a "
-        "single-file .safetensors checkpoint",
+        help="'demo' (the built-in demo model, no download), 'tiny' (random weights), a hub id, a local "
+        "diffusers folder, or a single-file .safetensors checkpoint",
     )
-    parser.add_argument("--adapters-dir", default=None, help="folder scanned for SHiRA and LoRA .safetensors adapters")
+    parser.add_argument(
+        "--adapters-dir",
+        default=None,
+        help="folder scanned for SHiRA and LoRA .safetensors adapters (default with --model demo: the demo adapters in "
+        "assets/adapters; pass '' for none)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the studio to your network")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="create a public share link (off by default)")
@@ -51,8 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as err:
         sys.exit(f"cannot load --model {args.model!r}: {err}")
     studio = Studio(pipe, label, max_bytes=args.max_upload_mb * 2**20)
-    if args.adapters_dir:
-        for line in studio.scan(args.adapters_dir):
+    adapters_dir = args.adapters_dir
+    if adapters_dir is None and args.model == DEMO:
+        from shira_diffusion.demo.model import ADAPTERS_DIR
+
+        adapters_dir = ADAPTERS_DIR
+    if adapters_dir:
+        for line in studio.scan(adapters_dir):
             print(line)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     build_ui(studio).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)

@@ -13,12 +13,16 @@ from pathlib import Path
 import torch
 
 from shira_diffusion import AdapterError, ShiraPipelineSwitcher
-from shira_diffusion.pipeline import DEMO, load_pipeline as load_shira_pipeline
+from shira_diffusion.pipeline import DEMO, TINY, load_pipeline as load_shira_pipeline
 
 DEMO_LABEL = (
-    "**Tiny offline demo pipeline**: SDXL architecture with random weights, so images are noise. "
-    "It shows switching, fusing and comparing without a download; pass `--model` for a real checkpoint."
+    "**Built-in demo model**: a small SDXL-architecture model trained on a world of coloured shapes "
+    "(try *a red star on a white background, top left*). Its demo adapters teach a subject (`sks`, "
+    "*a sks shape on a gray background, in the center*) and two styles (*..., in bluefire style*, "
+    "*..., in paintings style*), each as SHiRA with every mask kind and as LoRA of the same size. "
+    "Pass `--model` for a real SDXL checkpoint."
 )
+TINY_LABEL = "**Tiny random-weight pipeline**: SDXL architecture, images are noise; for trying the controls."
 NONE = "(base model)"
 FUSE_SLOTS = 4
 
@@ -27,7 +31,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: str = "auto"):
     """``(pipeline, label)``; the label says what the studio is showing."""
     pipe = load_shira_pipeline(model, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=False)
-    return pipe, DEMO_LABEL if model == DEMO else f"SDXL pipeline: `{model}`"
+    return pipe, {DEMO: DEMO_LABEL, TINY: TINY_LABEL}.get(model, f"SDXL pipeline: `{model}`")
 
 
 class Studio:

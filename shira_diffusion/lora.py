@@ -36,6 +36,11 @@ class LoraDelta:
     def num_params(self) -> int:
         return self.down.numel() + self.up.numel()
 
+    @property
+    def nnz(self) -> int:
+        """Entries of the weight it changes: all of them."""
+        return math.prod(self.shape)
+
     def validate(self, key: str) -> None:
         if self.down.dim() != 2 or self.up.dim() != 2:
             raise AdapterError(f"{key}: only linear (2-D) LoRA factors are supported, got {tuple(self.up.shape)} @ {tuple(self.down.shape)}")

@@ -4,6 +4,7 @@ From the SHiRA paper: for two deltas ``dW1``, ``dW2`` of one weight (rows x cols
 ``AWOM = ||dW1^T dW2||_2`` (spectral norm) and ``AWOR = 1 - nnz(dW1^T dW2) / cols^2``. Low AWOM and
 high AWOR mean the adapters act on nearly orthogonal subspaces, so fusing them loses less of each.
 ``overlap`` is the share of the smaller adapter's indices that the other adapter also changes.
+LoRA deltas change every entry, so any pair involving one overlaps completely.
 """
 
 from __future__ import annotations
@@ -11,20 +12,28 @@ from __future__ import annotations
 import torch
 
 from .adapter import AdapterError, SparseAdapter, SparseDelta, split_key
+from .lora import LoraAdapter, LoraDelta
+
+Delta = SparseDelta | LoraDelta
 
 
-def _shared_count(a: torch.Tensor, b: torch.Tensor) -> int:
-    return int(torch.isin(a.long(), b.long()).sum())
+def _shared_count(a: Delta, b: Delta) -> int:
+    if isinstance(a, LoraDelta) or isinstance(b, LoraDelta):
+        return min(a.nnz, b.nnz)
+    return int(torch.isin(a.indices.long(), b.indices.long()).sum())
 
 
-def weight_interference(a: SparseDelta, b: SparseDelta) -> dict[str, float]:
+def _matrix(delta: Delta) -> torch.Tensor:
+    dense = delta.dense(torch.float32) if isinstance(delta, LoraDelta) else delta.to_dense(torch.float32)
+    return dense.reshape(delta.shape[0], -1)
+
+
+def weight_interference(a: Delta, b: Delta) -> dict[str, float]:
     """Overlap, AWOM and AWOR for two deltas of the same weight (exact, computed in fp32)."""
     if a.shape != b.shape:
         raise AdapterError(f"cannot compare deltas of shapes {a.shape} and {b.shape}")
-    shared = _shared_count(a.indices, b.indices)
-    rows = a.shape[0]
-    dw1 = a.to_dense(torch.float32).reshape(rows, -1)
-    dw2 = b.to_dense(torch.float32).reshape(rows, -1)
+    shared = _shared_count(a, b)
+    dw1, dw2 = _matrix(a), _matrix(b)
     product = dw1.T @ dw2
     return {
         "shared": shared,
@@ -34,7 +43,7 @@ def weight_interference(a: SparseDelta, b: SparseDelta) -> dict[str, float]:
     }
 
 
-def _pool(a: SparseAdapter, b: SparseAdapter, per_weight: dict[str, dict]) -> dict:
+def _pool(a: SparseAdapter | LoraAdapter, b: SparseAdapter | LoraAdapter, per_weight: dict[str, dict]) -> dict:
     """``overlap`` pools counts over the weights; ``awom`` and ``awor`` are means over them."""
     smaller = sum(min(a.deltas[k].nnz, b.deltas[k].nnz) for k in per_weight)
     n = max(1, len(per_weight))
@@ -46,7 +55,7 @@ def _pool(a: SparseAdapter, b: SparseAdapter, per_weight: dict[str, dict]) -> di
     }
 
 
-def interference(a: SparseAdapter, b: SparseAdapter) -> dict:
+def interference(a: SparseAdapter | LoraAdapter, b: SparseAdapter | LoraAdapter) -> dict:
     """Per-weight metrics for the weights both adapters change, pooled per component and overall.
 
     Weights only one adapter touches cannot interfere and are counted apart.

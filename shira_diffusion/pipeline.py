@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEMO = "demo"
+DEMO = "demo"  # the trained demo model in assets/demo
+TINY = "tiny"  # a tiny random-weight pipeline built in memory (tests, smoke runs)
 
 
 def default_device() -> str:
@@ -24,13 +25,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str | torch.dtype | None = "auto"):
-    """An SDXL pipeline from ``demo`` (built in, offline), a single ``.safetensors`` checkpoint,
-    a local diffusers folder or a hub id."""
+    """An SDXL pipeline from ``demo`` (the trained demo model, offline), ``tiny`` (random weights,
+    offline), a single ``.safetensors`` checkpoint, a local diffusers folder or a hub id."""
     from diffusers import StableDiffusionXLPipeline
 
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     if model == DEMO:
+        from .demo.model import load_demo_pipeline
+
+        pipe = load_demo_pipeline()
+    elif model == TINY:
         from .testing import tiny_sdxl_pipeline
 
         pipe = tiny_sdxl_pipeline()
@@ -68,7 +73,7 @@ class ShiraPipelineSwitcher:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str, torch_dtype: torch.dtype | None = None, device: str | None = None, **kwargs) -> "ShiraPipelineSwitcher":
-        """A hub id or a local diffusers folder (``demo`` for the built-in offline pipeline)."""
+        """A hub id or a local diffusers folder (``demo`` for the built-in demo model, ``tiny`` for random weights)."""
         if kwargs:
             from diffusers import StableDiffusionXLPipeline
 
@@ -84,8 +89,15 @@ class ShiraPipelineSwitcher:
         return cls(load_pipeline(str(path), device=device, dtype=torch_dtype or "auto"))
 
     @classmethod
-    def demo(cls) -> "ShiraPipelineSwitcher":
-        return cls(load_pipeline(DEMO, device="cpu", dtype=torch.float32))
+    def demo(cls, with_adapters: bool = False) -> "ShiraPipelineSwitcher":
+        """The built-in demo model (CPU, fp32); ``with_adapters`` also loads the demo adapters."""
+        sw = cls(load_pipeline(DEMO, device="cpu", dtype=torch.float32))
+        if with_adapters:
+            from .demo.model import ADAPTERS_DIR
+
+            for path in sorted(ADAPTERS_DIR.glob("*.safetensors")):
+                sw.load_adapter(path, adapter_name=path.stem)
+        return sw
 
     # ---- the adapter library ---------------------------------------------------------------------
     def load_adapter(self, adapter, adapter_name: str | None = None, max_bytes: int | None = None) -> str:

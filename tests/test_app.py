@@ -27,6 +27,26 @@ def test_defaults_bind_locally_and_do_not_share():
         parse_args(["--auth", "nocolon"])
 
 
+def test_no_flags_opens_on_the_demo_model_with_its_adapters(monkeypatch, capsys):
+    import app.cli
+    import app.studio
+    from shira_diffusion.demo.model import ADAPTERS_DIR
+
+    launched = {}
+
+    class Page:
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    monkeypatch.setattr(app.studio, "build_ui", lambda studio: launched.setdefault("studio", studio) and Page())
+    app.cli.main([])
+    studio = launched["studio"]
+    assert launched["server_name"] == "127.0.0.1" and launched["share"] is False
+    assert "Built-in demo model" in studio.label
+    assert studio.adapters == sorted(p.stem for p in ADAPTERS_DIR.glob("*.safetensors")) and len(studio.adapters) == 18
+    assert "loaded sks-shira-rand from sks-shira-rand.safetensors" in capsys.readouterr().out
+
+
 def test_single_file_checkpoint_must_be_safetensors(tmp_path):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"\x80\x04K\x01.")

@@ -46,11 +46,11 @@ def test_bad_file_is_one_line_and_exit_2(tmp_path, content):
 
 def test_shira_to_peft_and_back(two_adapters, tmp_path, capsys):
     assert main(["convert", "shira2peft", str(two_adapters[0]), str(tmp_path / "peft")]) == 0
-    assert main(["convert", "peft2shira", str(tmp_path / "peft"), str(tmp_path / "back.safetensors"), "--model", "demo"]) == 0
+    assert main(["convert", "peft2shira", str(tmp_path / "peft"), str(tmp_path / "back.safetensors"), "--model", "tiny"]) == 0
     original, back = SparseAdapter.load(two_adapters[0]), SparseAdapter.load(tmp_path / "back.safetensors")
     for key, d in original.deltas.items():
         assert torch.equal(back.deltas[key].to_dense(), d.to_dense())
-    assert main(["inspect", str(tmp_path / "peft"), "--model", "demo"]) == 0
+    assert main(["inspect", str(tmp_path / "peft"), "--model", "tiny"]) == 0
     assert "PEFT SHiRA folder" in capsys.readouterr().out
 
 
@@ -59,7 +59,7 @@ def test_lora2shira_prints_retained_energy(tmp_path, capsys):
     prefix = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file({f"{prefix}.lora_down.weight": torch.randn(4, 64, generator=g), f"{prefix}.lora_up.weight": torch.randn(64, 4, generator=g)},
               str(tmp_path / "k.safetensors"))
-    assert main(["convert", "lora2shira", str(tmp_path / "k.safetensors"), str(tmp_path / "s.safetensors"), "--model", "demo", "--density", "0.1"]) == 0
+    assert main(["convert", "lora2shira", str(tmp_path / "k.safetensors"), str(tmp_path / "s.safetensors"), "--model", "tiny", "--density", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "retained energy unet: 0." in out
     adapter = SparseAdapter.load(tmp_path / "s.safetensors")
@@ -81,7 +81,7 @@ def test_merge_bakes_adapters_into_a_saved_pipeline(two_adapters, tmp_path, caps
     from diffusers import StableDiffusionXLPipeline
 
     out = tmp_path / "merged"
-    assert main(["merge", "--model", "demo", "--adapter", f"{two_adapters[0]}:0.5", "--adapter", str(two_adapters[1]), "--out", str(out)]) == 0
+    assert main(["merge", "--model", "tiny", "--adapter", f"{two_adapters[0]}:0.5", "--adapter", str(two_adapters[1]), "--out", str(out)]) == 0
     saved = StableDiffusionXLPipeline.from_pretrained(str(out))
     expected = tiny_sdxl_pipeline(seed=0)
     engine = ShiraEngine(expected)
@@ -90,6 +90,6 @@ def test_merge_bakes_adapters_into_a_saved_pipeline(two_adapters, tmp_path, caps
     engine.apply({"0:a": 0.5, "1:b": 1.0})
     want = expected.unet.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in saved.unet.state_dict().items())
-    assert main(["merge", "--model", "demo", "--adapter", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["merge", "--model", "tiny", "--adapter", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -144,7 +144,7 @@ def test_model_sources(tmp_path):
     sw = ShiraPipelineSwitcher.from_pretrained(str(tmp_path / "folder"))
     assert sw.pipe.unet.dtype == torch.float32 and sw.pipe.device.type == "cpu"
     assert torch.equal(sw.pipe.unet.conv_in.weight, pipe.unet.conv_in.weight)
-    demo = ShiraPipelineSwitcher.demo()
-    assert torch.equal(demo.pipe.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    tiny = ShiraPipelineSwitcher.from_pretrained("tiny")
+    assert torch.equal(tiny.pipe.unet.conv_in.weight, pipe.unet.conv_in.weight)
     with pytest.raises(FileNotFoundError):
         ShiraPipelineSwitcher.from_single_file(str(tmp_path / "missing.safetensors"))

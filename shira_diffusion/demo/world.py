@@ -1,0 +1,203 @@
+"""The demo world: captions and deterministic 64x64 renders of coloured shapes.
+
+Everything the demo model, its adapters, the detectors and the concept-retention benchmark know
+about images comes from here, so a scene's caption and its pixels always agree. Shapes are drawn
+at 4x and box-downsampled (soft edges, like a decoder's output); nothing is random unless a
+seeded ``random.Random`` passes jitter in.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SIZE = 64
+SS = 4  # supersampling factor
+
+SHAPES = ("circle", "square", "triangle", "star")
+SUBJECT_SHAPE = "crescent"  # the "sks" subject: a shape the base model never sees
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "yellow": (240, 200, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 30),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
+POSITIONS = {
+    "in the center": (32, 32),
+    "top left": (20, 20),
+    "top right": (44, 20),
+    "bottom left": (20, 44),
+    "bottom right": (44, 44),
+}
+GLOW_INNER, GLOW_OUTER = (0, 170, 255), (150, 225, 255)
+STRIPE_DARK = 0.4  # the second tone of "paintings" stripes: the colour times this
+STRIPE_PERIOD = 12  # pixels, along the diagonal
+STYLES = ("bluefire", "paintings")
+SUBJECT_TOKEN = "sks"
+SUBJECT_COLOUR = "orange"
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    background: str = "white"
+    position: str = "in the center"
+    style: str | None = None
+    radius: float = 15.0
+    offset: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x, y = POSITIONS[self.position]
+        return x + self.offset[0], y + self.offset[1]
+
+
+def caption(scene: Scene) -> str:
+    """``a red star on a white background, top left`` (+ ``, in bluefire style``); the subject
+    is ``a sks shape`` and its colour is not named, as in DreamBooth's ``a sks dog``."""
+    thing = f"{SUBJECT_TOKEN} shape" if scene.shape == SUBJECT_SHAPE else f"{scene.colour} {scene.shape}"
+    text = f"a {thing} on a {scene.background} background, {scene.position}"
+    return text + (f", in {scene.style} style" if scene.style else "")
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can contain (the demo tokenizer keeps each as one token)."""
+    words = {"a", "on", "background", "in", "style", "shape", SUBJECT_TOKEN, *SHAPES, *COLOURS, *BACKGROUNDS, *STYLES}
+    for pos in POSITIONS:
+        words.update(pos.split())
+    return sorted(words)
+
+
+def random_scene(rng: random.Random, *, shapes=SHAPES, colours=tuple(COLOURS), style: str | None = None, jitter: bool = True) -> Scene:
+    return Scene(
+        shape=rng.choice(shapes),
+        colour=rng.choice(colours),
+        background=rng.choice(tuple(BACKGROUNDS)),
+        position=rng.choice(tuple(POSITIONS)),
+        style=style,
+        radius=rng.uniform(13.0, 16.5) if jitter else 15.0,
+        offset=(rng.uniform(-2.5, 2.5), rng.uniform(-2.5, 2.5)) if jitter else (0.0, 0.0),
+    )
+
+
+# ---- geometry, at any resolution ---------------------------------------------------------------
+def _polygon(shape: str) -> list[tuple[float, float]]:
+    """Vertices on the unit scale (radius 1, y down)."""
+    if shape == "square":
+        s = 0.82
+        return [(-s, -s), (s, -s), (s, s), (-s, s)]
+    if shape == "triangle":
+        return [(math.cos(a), math.sin(a) + 0.2) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "star":
+        pts = []
+        for i in range(10):
+            r = 1.0 if i % 2 == 0 else 0.42
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((r * math.cos(a), r * math.sin(a) + 0.08))
+        return pts
+    raise KeyError(shape)
+
+
+def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE) -> np.ndarray:
+    """Boolean mask of ``shape`` centred at (cx, cy) with ``radius``, in a ``size`` grid."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    u, v = (xs - cx) / radius, (ys - cy) / radius
+    if shape == "circle":
+        return u * u + v * v <= 0.9**2
+    if shape == SUBJECT_SHAPE:
+        return (u * u + v * v <= 0.95**2) & ((u - 0.42) ** 2 + (v + 0.12) ** 2 > 0.72**2)
+    pts = _polygon(shape)
+    inside = np.ones_like(u, dtype=bool)
+    # convex pieces are enough for square and triangle; the star is tested against its winding number
+    if shape == "star":
+        wn = np.zeros_like(u)
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
+            a0, a1 = np.arctan2(y0 - v, x0 - u), np.arctan2(y1 - v, x1 - u)
+            d = a1 - a0
+            wn += (d + np.pi) % (2 * np.pi) - np.pi
+        return np.abs(wn) > np.pi
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
+        inside &= (x1 - x0) * (v - y0) - (y1 - y0) * (u - x0) >= 0
+    return inside
+
+
+def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.max_pool2d(t, 2 * px + 1, stride=1, padding=px)[0, 0].numpy() > 0
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene as a 64x64 RGB image."""
+    n = SIZE * SS
+    cx, cy = scene.centre
+    mask = shape_mask(scene.shape, cx * SS, cy * SS, scene.radius * SS, n)
+    img = np.empty((n, n, 3), dtype=np.float32)
+    img[:] = BACKGROUNDS[scene.background]
+    if scene.style == "bluefire":
+        ys, xs = np.mgrid[0:n, 0:n].astype(np.float32)
+        angle = np.arctan2(ys - cy * SS, xs - cx * SS)
+        tongues = np.sin(7 * angle) > -0.2  # flame tongues around the outline
+        img[_dilate(mask, 5 * SS) & tongues] = GLOW_OUTER
+        img[_dilate(mask, 3 * SS)] = GLOW_INNER
+    colour = np.array(COLOURS[scene.colour], dtype=np.float32)
+    img[mask] = colour
+    if scene.style == "paintings":
+        ys, xs = np.mgrid[0:n, 0:n]
+        dark = ((xs + ys) // (STRIPE_PERIOD * SS // 2)) % 2 == 1
+        img[mask & dark] = colour * STRIPE_DARK
+    small = img.reshape(SIZE, SS, SIZE, SS, 3).mean(axis=(1, 3))
+    return Image.fromarray(np.clip(small.round(), 0, 255).astype(np.uint8))
+
+
+def subject_scene(rng: random.Random) -> Scene:
+    return replace(random_scene(rng, shapes=(SUBJECT_SHAPE,)), colour=SUBJECT_COLOUR)
+
+
+# ---- the concepts the demo adapters learn -------------------------------------------------------
+@dataclass(frozen=True)
+class Concept:
+    """A DreamBooth concept: a subject (the ``sks`` shape) or a style (a trigger phrase)."""
+
+    name: str
+    style: str | None  # None: the subject
+
+    def scene(self, rng: random.Random) -> Scene:
+        if self.style is None:
+            return subject_scene(rng)
+        return random_scene(rng, style=self.style)
+
+    def instance_scenes(self, n: int = 5, seed: int = 0) -> list[Scene]:
+        rng = random.Random(f"instances/{self.name}/{seed}")
+        return [self.scene(rng) for _ in range(n)]
+
+    def prompts(self, n: int, seed: int = 1) -> list[Scene]:
+        """Held-out scenes to score the concept on (never one of the instance scenes' captions)."""
+        taken = {caption(s) for s in self.instance_scenes()}
+        rng, out = random.Random(f"prompts/{self.name}/{seed}"), []
+        for _ in range(100 * n):
+            if len(out) == n:
+                break
+            s = self.scene(rng)
+            if caption(s) not in taken and caption(s) not in {caption(o) for o in out}:
+                out.append(s)
+        if len(out) < n:
+            raise ValueError(f"the {self.name} concept has fewer than {n} held-out prompts")
+        return out
+
+
+CONCEPTS = {"sks": Concept("sks", None), "bluefire": Concept("bluefire", "bluefire"), "paintings": Concept("paintings", "paintings")}
+
+
+def plain_prompts(n: int, seed: int = 2) -> list[Scene]:
+    """Prompts without any trigger: what an adapter must not break (preservation)."""
+    rng = random.Random(f"plain/{seed}")
+    return [random_scene(rng, jitter=False) for _ in range(n)]

@@ -1,0 +1,108 @@
+"""The shipped demo model and adapters (assets/), and the scripts that rebuild them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from shira_diffusion import ShiraPipelineSwitcher, SparseAdapter
+from shira_diffusion.demo import world
+from shira_diffusion.demo.detect import read_many
+from shira_diffusion.demo.model import ADAPTERS_DIR, DEMO_DIR, TEXT_DIM, world_tokenizer
+from shira_diffusion.pipeline import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = ("lora", "shira-struct", "shira-rand", "shira-wm", "shira-grad", "shira-snip")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return ShiraPipelineSwitcher.demo(with_adapters=True)
+
+
+def generate(sw, scenes, adapters=None, seed=0):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(scenes))]
+    out = sw([world.caption(s) for s in scenes], adapters=adapters or {}, generator=gens, height=64, width=64, num_inference_steps=20)
+    return read_many(out.images)
+
+
+def test_tokenizer_keeps_every_world_word_whole():
+    tok = world_tokenizer()
+    for word in world.vocabulary():
+        assert tok.tokenize(word) == [word + "</w>"]
+    assert len(tok.tokenize("zebra")) > 1  # unknown words still tokenize, byte by byte
+
+
+def test_demo_is_a_small_sdxl_pipeline_within_budget(demo):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = demo.pipe
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size == 2 * TEXT_DIM
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
+    weights = sorted(DEMO_DIR.rglob("*.safetensors"))
+    assert len(weights) == 4 and sum(p.stat().st_size for p in weights) <= 25 * 2**20
+    assert not list(DEMO_DIR.rglob("*.bin")) and not list(DEMO_DIR.rglob("*.pt"))
+
+
+def test_base_model_draws_what_it_is_told(demo):
+    scenes = world.plain_prompts(12, seed=11)
+    readings = generate(demo, scenes)
+    right = sum(r.shape == s.shape and r.colour == s.colour for r, s in zip(readings, scenes))
+    assert right >= 10, [(world.caption(s), r.shape, r.colour) for r, s in zip(readings, scenes)]
+
+
+def test_every_demo_adapter_loads_with_its_manifest_entry(demo):
+    manifest = json.loads((ADAPTERS_DIR / "manifest.json").read_text())
+    names = {f"{c}-{t}" for c in world.CONCEPTS for t in TYPES}
+    assert set(demo.list_adapters()) == names
+    assert {Path(f).stem for f in manifest} == names
+    info = demo.list_adapters()
+    for concept in world.CONCEPTS:
+        lora = info[f"{concept}-lora"]["params"]
+        for t in TYPES[1:]:  # equal parameter count, up to the rounding of a per-weight budget
+            assert abs(info[f"{concept}-{t}"]["params"] - lora) <= 0.01 * lora, (concept, t)
+            assert info[f"{concept}-{t}"]["mask"] == t.removeprefix("shira-")
+    with safe_open(str(ADAPTERS_DIR / "sks-lora.safetensors"), "pt") as f:
+        assert all(k.startswith("unet.") for k in f.keys())
+
+
+def test_subject_adapter_teaches_the_subject_and_restores_the_base(demo):
+    scenes = world.CONCEPTS["sks"].prompts(4)
+    before = {k: v.clone() for k, v in demo.pipe.unet.state_dict().items()}
+    assert sum(r.shape == world.SUBJECT_SHAPE for r in generate(demo, scenes)) == 0
+    assert sum(r.shape == world.SUBJECT_SHAPE for r in generate(demo, scenes, {"sks-shira-rand": 1.0})) >= 3
+    demo.disable_adapters()
+    assert all(torch.equal(before[k], v) for k, v in demo.pipe.unet.state_dict().items())
+
+
+def test_loading_demo_offline_needs_the_assets(tmp_path, monkeypatch):
+    from shira_diffusion.demo import model
+
+    monkeypatch.setattr(model, "DEMO_DIR", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="build_demo_world.py"):
+        load_pipeline("demo")
+
+
+def test_world_rebuilds_with_one_command(tmp_path):
+    """The build command end to end at toy sizes: base model, instance images, one adapter of each family."""
+    cmd = [sys.executable, str(ROOT / "training" / "build_demo_world.py"), "--assets", str(tmp_path / "assets"),
+           "--work_dir", str(tmp_path / "work"), "--base_args", "--vae_steps 2 --unet_steps 2 --variants 1 --batch 4",
+           "--concepts", "bluefire", "--types", "lora", "shira-wm", "--steps", "2"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    folder = tmp_path / "assets"
+    assert (folder / "demo" / "model_index.json").is_file()
+    assert sorted(p.name for p in (folder / "adapters").glob("*.safetensors")) == ["bluefire-lora.safetensors", "bluefire-shira-wm.safetensors"]
+    manifest = json.loads((folder / "adapters" / "manifest.json").read_text())
+    assert manifest["bluefire-shira-wm.safetensors"]["instance_prompt"].endswith(", in bluefire style")
+    captions = sorted((tmp_path / "work" / "instances" / "bluefire").glob("*.txt"))
+    assert [c.read_text() for c in captions] == [world.caption(s) for s in world.CONCEPTS["bluefire"].instance_scenes()]
+    sw = ShiraPipelineSwitcher.from_pretrained(str(folder / "demo"))
+    assert SparseAdapter.load(folder / "adapters" / "bluefire-shira-wm.safetensors").metadata["mask"] == "wm"
+    sw.load_adapter(folder / "adapters" / "bluefire-shira-wm.safetensors")
+    sw.load_adapter(folder / "adapters" / "bluefire-lora.safetensors")

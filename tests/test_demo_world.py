@@ -1,0 +1,97 @@
+import itertools
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shira_diffusion.demo.detect import accuracy, read, read_many
+from shira_diffusion.demo.world import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    STYLES,
+    SUBJECT_SHAPE,
+    Scene,
+    caption,
+    render,
+    subject_scene,
+    vocabulary,
+)
+
+SEED = 4242  # held out: the detectors' thresholds were chosen on other seeds
+ATTRIBUTES = ("background", "colour", "shape", "position", "bluefire", "paintings")
+
+
+@pytest.mark.parametrize("degrade,floor", [(False, 0.98), (True, 0.95)])
+def test_detectors_are_accurate_on_held_out_renders(degrade, floor):
+    acc = accuracy(n=400, seed=SEED, degrade=degrade)
+    assert set(acc) == set(ATTRIBUTES)
+    assert all(v >= floor for v in acc.values()), acc
+
+
+@pytest.mark.parametrize(
+    "scene",
+    [
+        Scene("star", "purple", "white", "top right", "bluefire"),
+        Scene("circle", "red"),
+        Scene("square", "yellow", "black", "top left", "bluefire", radius=13.0),
+        Scene("triangle", "green", "gray", "bottom right", "paintings", offset=(2.0, -2.0)),
+        Scene("crescent", "orange", "black", "bottom left", "paintings", radius=16.5),
+        Scene("crescent", "purple", "white", "in the center", "bluefire"),
+    ],
+)
+def test_reads_hand_written_scenes(scene):
+    r = read(render(scene))
+    want = (scene.background, scene.colour, scene.shape, scene.position, scene.style == "bluefire", scene.style == "paintings")
+    assert tuple(getattr(r, k) for k in ATTRIBUTES) == want
+    assert r.shape_iou > 0.85
+
+
+def test_reads_arrays_any_size_and_batches():
+    image = render(Scene("star", "purple", "white", "top right", "bluefire"))
+    r = read(image)
+    assert read(np.asarray(image)) == r
+    big = read(image.resize((256, 256), Image.NEAREST))
+    assert (big.shape, big.colour, big.position, big.bluefire) == ("star", "purple", "top right", True)
+    assert read_many([image, image]) == [r, r]
+
+
+def test_reads_the_subject():
+    r = read(render(subject_scene(random.Random(0))))
+    assert (r.shape, r.colour) == (SUBJECT_SHAPE, "orange")
+
+
+@pytest.mark.parametrize("background", list(BACKGROUNDS))
+def test_empty_background_has_no_object(background):
+    plain = np.full((64, 64, 3), BACKGROUNDS[background], dtype=np.uint8)
+    noisy = np.clip(plain + np.random.default_rng(0).normal(0, 8, plain.shape), 0, 255).astype(np.uint8)
+    for image in (plain, noisy):
+        r = read(image)
+        assert (r.background, r.colour, r.shape, r.position, r.bluefire, r.paintings) == (background, None, None, None, False, False)
+
+
+def test_render_is_deterministic():
+    scene = Scene("star", "purple", "gray", "top left", "paintings", radius=14.2, offset=(1.5, -0.5))
+    a, b = render(scene), render(scene)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert a.tobytes() == b.tobytes()
+    pixels = np.asarray(render(Scene("circle", "red")))
+    assert tuple(pixels[0, 0]) == BACKGROUNDS["white"] and tuple(pixels[32, 32]) == COLOURS["red"]
+
+
+def test_captions():
+    assert caption(Scene("circle", "red")) == "a red circle on a white background, in the center"
+    assert caption(Scene("star", "purple", "black", "top right", "bluefire")) == "a purple star on a black background, top right, in bluefire style"
+    assert caption(Scene(SUBJECT_SHAPE, "orange", "gray", "bottom left")) == "a sks shape on a gray background, bottom left"
+    assert caption(Scene(SUBJECT_SHAPE, "orange", style="paintings")) == "a sks shape on a white background, in the center, in paintings style"
+    scene = Scene("square", "green", "gray", "bottom right", "paintings")
+    assert caption(scene) == caption(scene)
+
+
+def test_vocabulary_covers_every_caption():
+    vocab = set(vocabulary())
+    grid = itertools.product((*SHAPES, SUBJECT_SHAPE), COLOURS, BACKGROUNDS, POSITIONS, (None, *STYLES))
+    words = {w for args in grid for w in caption(Scene(*args)).replace(",", " ").split()}  # punctuation is its own token
+    assert words <= vocab, words - vocab

@@ -1,0 +1,102 @@
+"""Rebuild the whole demo world from seeds: the base model, the instance images, every demo adapter.
+
+    python training/build_demo_world.py                   # everything, ~75 min on 2 CPU cores
+    python training/build_demo_world.py --skip_base       # adapters only, on the existing assets/demo
+
+Each concept (the ``sks`` subject and the ``bluefire`` / ``paintings`` styles) is learnt from 5
+rendered instance images by ``train_shira_dreambooth.py`` itself, once per adapter type: SHiRA
+with each mask kind and LoRA, all at the same parameter count (LoRA rank ``--rank``; SHiRA
+``rank * (rows + cols)`` entries per weight). The adapters land in ``assets/adapters`` as
+``<concept>-<type>.safetensors`` with a ``manifest.json`` that says how each was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from shira_diffusion.demo import world  # noqa: E402
+
+TYPES = ("lora", "shira-struct", "shira-rand", "shira-wm", "shira-grad", "shira-snip")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--assets", type=Path, default=ROOT / "assets", help="writes <assets>/demo and <assets>/adapters")
+    p.add_argument("--work_dir", type=Path, default=ROOT / "build" / "demo_world", help="instance images and training runs")
+    p.add_argument("--skip_base", action="store_true", help="keep the existing base model")
+    p.add_argument("--base_args", default="", help="extra arguments for train_demo_base.py, e.g. '--unet_steps 100'")
+    p.add_argument("--concepts", nargs="+", choices=list(world.CONCEPTS), default=list(world.CONCEPTS))
+    p.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank; SHiRA gets the same parameter count")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--instances", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def write_instances(concept: world.Concept, folder: Path, n: int, seed: int) -> str:
+    """Instance images with one caption file each; returns the instance prompt of the first."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    scenes = concept.instance_scenes(n, seed)
+    for i, scene in enumerate(scenes):
+        world.render(scene).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(world.caption(scene))
+    return world.caption(scenes[0])
+
+
+def train_adapter(args, base: Path, concept: str, kind: str, data: Path, prompt: str) -> dict:
+    out = args.work_dir / "runs" / f"{concept}-{kind}"
+    cmd = [sys.executable, str(ROOT / "training" / "train_shira_dreambooth.py"),
+           "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(data), "--instance_prompt", prompt,
+           "--output_dir", str(out), "--resolution", str(world.SIZE), "--train_batch_size", str(args.instances),
+           "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant",
+           "--seed", str(args.seed), "--mixed_precision", "no", "--cache_latents", "--checkpointing_steps", str(10 * args.steps),
+           "--save_dtype", "fp32"]
+    if kind == "lora":
+        cmd += ["--adapter_type", "lora", "--lora_equivalent_rank", str(args.rank)]
+        produced = out / "pytorch_lora_weights.safetensors"
+    else:
+        cmd += ["--mask", kind.removeprefix("shira-"), "--lora_equivalent_rank", str(args.rank), "--mask_seed", str(args.seed)]
+        produced = out / "shira_adapter.safetensors"
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    target = args.assets / "adapters" / f"{concept}-{kind}.safetensors"
+    shutil.copyfile(produced, target)
+    return {"file": target.name, "concept": concept, "type": kind, "instance_prompt": prompt, "rank": args.rank,
+            "steps": args.steps, "learning_rate": args.learning_rate, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    base = args.assets / "demo"
+    if not args.skip_base:
+        subprocess.run([sys.executable, str(ROOT / "training" / "train_demo_base.py"), "--output_dir", str(base),
+                        "--seed", str(args.seed), *args.base_args.split()], check=True)
+    (args.assets / "adapters").mkdir(parents=True, exist_ok=True)
+    manifest_path = args.assets / "adapters" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    for name in args.concepts:
+        data = args.work_dir / "instances" / name
+        prompt = write_instances(world.CONCEPTS[name], data, args.instances, args.seed)
+        for kind in args.types:
+            entry = train_adapter(args, base, name, kind, data, prompt)
+            manifest[entry["file"]] = entry
+            manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2))
+            print(f"{entry['file']}: {entry['seconds']} s", flush=True)
+    print(f"demo world built in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
