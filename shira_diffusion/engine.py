@@ -259,12 +259,15 @@ class ShiraEngine:
             elif any(p.idx is None for _, p in members):  # a dense member makes the union the whole weight
                 layout[key] = _Layout(None, self._dense_base[key], [(n, p, p.idx) for n, p in members])
             else:
-                idx, where = torch.unique(torch.cat([p.idx for _, p in members]), sorted=True, return_inverse=True)
+                # union by marking a bitmap of the weight: linear in its size, far cheaper than a sort
+                hit = torch.zeros(self.weight(key).numel(), dtype=torch.bool, device=members[0][1].idx.device)
+                for _, part in members:
+                    hit[part.idx] = True
+                idx = hit.nonzero().squeeze(1)
                 orig = torch.empty(idx.numel(), dtype=members[0][1].orig.dtype, device=idx.device)
-                placed, start = [], 0
+                placed = []
                 for name, part in members:
-                    pos = where[start : start + part.idx.numel()]
-                    start += part.idx.numel()
+                    pos = torch.searchsorted(idx, part.idx)
                     orig[pos] = part.orig
                     placed.append((name, part, pos))
                 layout[key] = _Layout(idx, orig, placed)

@@ -8,7 +8,7 @@ Two stages on the CPU, deterministic for a seed:
    subject: those are what the demo adapters teach). Captions are dropped 10 % of the time to
    zero embeddings, which is what the SDXL pipeline feeds the unconditional branch.
 
-    python training/train_demo_base.py --output_dir assets/demo          # ~30 min on 2 cores
+    python training/train_demo_base.py --output_dir assets/demo          # ~45 min on 2 cores
     python training/train_demo_base.py --output_dir /tmp/d --vae_steps 5 --unet_steps 5   # smoke run
 """
 
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", type=Path, required=True, help="where the diffusers folder is written")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", type=int, default=8, help="jittered renders per (shape, colour, background, position)")
-    p.add_argument("--vae_steps", type=int, default=600)
+    p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--vae_batch", type=int, default=16)
     p.add_argument("--unet_steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
@@ -89,7 +89,7 @@ def train_vae(vae, images: torch.Tensor, args) -> None:
     bar = tqdm(range(args.vae_steps), desc="vae")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * cosine_lr(step, args.vae_steps, 50)
+            group["lr"] = 2e-3 * cosine_lr(step, args.vae_steps, 50)
         x = images[torch.randint(0, len(images), (args.vae_batch,), generator=gen)]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -100,6 +100,18 @@ def train_vae(vae, images: torch.Tensor, args) -> None:
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
+
+
+def colour_fidelity(vae, scenes: list[world.Scene]) -> float:
+    """Share of reconstructions whose object colour the detectors still read right."""
+    from PIL import Image
+
+    from shira_diffusion.demo.detect import read_many
+
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(to_tensor(scenes)).latent_dist.mean).sample
+    images = [Image.fromarray(((r.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()) for r in rec]
+    return sum(r.colour == s.colour for r, s in zip(read_many(images), scenes)) / len(scenes)
 
 
 def encode_text(models, prompts: list[str]):
@@ -170,6 +182,8 @@ def main(argv=None) -> None:
     print(f"rendering {len(scenes)} base scenes + {len(scenes) // 3} codec-only scenes")
     images = to_tensor(scenes)
     train_vae(models["vae"], torch.cat([images, to_tensor(codec_scenes(len(scenes) // 3, args.seed + 7))]), args)
+    fidelity = colour_fidelity(models["vae"], codec_scenes(100, args.seed + 11))
+    print(f"vae: colour read right on {fidelity:.0%} of held-out reconstructions", flush=True)
     with torch.no_grad():
         mean = torch.cat([models["vae"].encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
     scale = float(1.0 / mean.std())
@@ -181,7 +195,7 @@ def main(argv=None) -> None:
     pipe = StableDiffusionXLPipeline(**models, add_watermarker=False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     pipe.to(torch.float16 if args.save_dtype == "fp16" else torch.float32).save_pretrained(args.output_dir, safe_serialization=True)
-    summary = {"seconds": round(time.perf_counter() - start, 1), "scaling_factor": scale, "images": len(scenes), **stats,
+    summary = {"seconds": round(time.perf_counter() - start, 1), "scaling_factor": scale, "vae_colour_fidelity": fidelity, "images": len(scenes), **stats,
                "args": {k: str(v) for k, v in vars(args).items()}}
     (args.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .world import (
@@ -30,6 +28,7 @@ from .world import (
     STYLES,
     STRIPE_DARK,
     SUBJECT_SHAPE,
+    _dilate,
     _polygon,
     random_scene,
     render,
@@ -115,12 +114,6 @@ def _classify(img: np.ndarray, bg: str, colour: str) -> np.ndarray:
     dist = (p * p).sum(1, keepdims=True) - 2 * p @ a.T + (a * a).sum(1) - 2 * t * pa + t * t * (d * d).sum(1)
     j = dist.argmin(1)
     return np.where(t[np.arange(len(j)), j] < 0.5, ca[j], cb[j]).reshape(img.shape[:2])
-
-
-def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
-    """Max over a (2 px + 1) square."""
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.max_pool2d(t, 2 * px + 1, stride=1, padding=px)[0, 0].numpy() > 0
 
 
 def _erode(mask: np.ndarray, px: int) -> np.ndarray:

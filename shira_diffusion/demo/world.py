@@ -65,13 +65,14 @@ def caption(scene: Scene) -> str:
     """``a red star on a white background, top left`` (+ ``, in bluefire style``); the subject
     is ``a sks shape`` and its colour is not named, as in DreamBooth's ``a sks dog``."""
     thing = f"{SUBJECT_TOKEN} shape" if scene.shape == SUBJECT_SHAPE else f"{scene.colour} {scene.shape}"
-    text = f"a {thing} on a {scene.background} background, {scene.position}"
+    article = "an" if thing[0] in "aeiou" else "a"
+    text = f"{article} {thing} on a {scene.background} background, {scene.position}"
     return text + (f", in {scene.style} style" if scene.style else "")
 
 
 def vocabulary() -> list[str]:
     """Every word a caption can contain (the demo tokenizer keeps each as one token)."""
-    words = {"a", "on", "background", "in", "style", "shape", SUBJECT_TOKEN, *SHAPES, *COLOURS, *BACKGROUNDS, *STYLES}
+    words = {"a", "an", "on", "background", "in", "style", "shape", SUBJECT_TOKEN, *SHAPES, *COLOURS, *BACKGROUNDS, *STYLES}
     for pos in POSITIONS:
         words.update(pos.split())
     return sorted(words)
