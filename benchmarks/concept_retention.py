@@ -72,10 +72,12 @@ class Bench:
             images += out.images
         return images
 
-    def score(self, scenes: list[world.Scene], adapters, test) -> float:
+    def score(self, scenes: list[world.Scene], adapters, test, *more_tests):
+        """Share of generations passing ``test`` (a tuple of shares when more tests are given)."""
         readings = read_many(self.generate([world.caption(s) for s in scenes], adapters))
         expected = [s for _ in range(self.args.seeds) for s in scenes]
-        return sum(bool(test(r, s)) for r, s in zip(readings, expected)) / len(readings)
+        shares = [sum(bool(t(r, s)) for r, s in zip(readings, expected)) / len(readings) for t in (test, *more_tests)]
+        return tuple(shares) if more_tests else shares[0]
 
 
 def concept_seen(name: str):
@@ -117,12 +119,13 @@ def run(args) -> dict:
     plain = world.plain_prompts(args.prompts)
     start = time.perf_counter()
     base_scenes = world.plain_prompts(args.base_prompts, seed=3)
+    both, shape, colour = bench.score(base_scenes, None, preserved, lambda r, s: r.shape == s.shape, lambda r, s: r.colour == s.colour)
     result = {
         "config": {k: str(v) for k, v in vars(args).items()},
         "base": {
-            "prompted_shape_and_colour": bench.score(base_scenes, None, preserved),
-            "prompted_shape": bench.score(base_scenes, None, lambda r, s: r.shape == s.shape),
-            "prompted_colour": bench.score(base_scenes, None, lambda r, s: r.colour == s.colour),
+            "prompted_shape_and_colour": both,
+            "prompted_shape": shape,
+            "prompted_colour": colour,
             "concept_without_adapter": {c: bench.score(concept_prompts[c], None, concept_seen(c)) for c in world.CONCEPTS},
         },
         "types": {},
