@@ -259,15 +259,12 @@ class ShiraEngine:
             elif any(p.idx is None for _, p in members):  # a dense member makes the union the whole weight
                 layout[key] = _Layout(None, self._dense_base[key], [(n, p, p.idx) for n, p in members])
             else:
-                # union by marking a bitmap of the weight: linear in its size, far cheaper than a sort
-                hit = torch.zeros(self.weight(key).numel(), dtype=torch.bool, device=members[0][1].idx.device)
-                for _, part in members:
-                    hit[part.idx] = True
-                idx = hit.nonzero().squeeze(1)
+                idx, where = torch.unique(torch.cat([p.idx for _, p in members]), sorted=True, return_inverse=True)
                 orig = torch.empty(idx.numel(), dtype=members[0][1].orig.dtype, device=idx.device)
-                placed = []
+                placed, start = [], 0
                 for name, part in members:
-                    pos = torch.searchsorted(idx, part.idx)
+                    pos = where[start : start + part.idx.numel()]
+                    start += part.idx.numel()
                     orig[pos] = part.orig
                     placed.append((name, part, pos))
                 layout[key] = _Layout(idx, orig, placed)
