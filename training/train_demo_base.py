@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from shira_diffusion.demo import world  # noqa: E402
 from shira_diffusion.demo.model import demo_components  # noqa: E402
+from train_shira_dreambooth import encode_prompts  # noqa: E402  (the conditioning adapters train on)
 
 TIME_IDS = (world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE)
 
@@ -124,17 +125,6 @@ def colour_fidelity(vae, scenes: list[world.Scene]) -> float:
     return sum(r.colour == s.colour for r, s in zip(read_many(images), scenes)) / len(scenes)
 
 
-def encode_text(models, prompts: list[str]):
-    """SDXL conditioning (penultimate hidden states of both encoders, pooled output of the second)."""
-    embeds, pooled = [], None
-    for tok, enc in ((models["tokenizer"], models["text_encoder"]), (models["tokenizer_2"], models["text_encoder_2"])):
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        out = enc(ids, output_hidden_states=True)
-        embeds.append(out.hidden_states[-2])
-        pooled = out[0]
-    return torch.cat(embeds, dim=-1), pooled
-
-
 def train_unet(models, latents: torch.Tensor, captions: list[str], args) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
@@ -158,7 +148,7 @@ def train_unet(models, latents: torch.Tensor, captions: list[str], args) -> dict
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
-        embeds, pooled = encode_text(models, [captions[i] for i in idx.tolist()])
+        embeds, pooled = encode_prompts(models, [captions[i] for i in idx.tolist()])
         keep = (torch.rand(args.batch, generator=gen) >= args.caption_dropout).float()
         embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds,
