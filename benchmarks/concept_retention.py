@@ -39,6 +39,7 @@ from shira_diffusion.metrics import interference  # noqa: E402
 
 TYPES = ("lora", "shira-struct", "shira-rand", "shira-wm", "shira-grad", "shira-snip")
 PAIRS = list(itertools.combinations(world.CONCEPTS, 2))
+SHORT = {"sks": "sks", "bluefire": "bf", "paintings": "pt"}  # figure labels
 
 
 def parse_args(argv=None):
@@ -156,6 +157,11 @@ def run(args) -> dict:
         row["mean_joint"] = sum(f["joint"] for f in row["fused"].values()) / len(row["fused"])
         result["types"][t] = row
         print(t, json.dumps({k: row[k] for k in ("mean_single", "mean_preservation", "mean_retention", "mean_joint")}), flush=True)
+    lora = result["types"].get("lora", {}).get("mean_retention")
+    result["aim"] = {  # SHiRA keeps >= 0.9 of its concepts under fusion, and >= LoRA's retention + 0.1
+        t: {"retention_ge_0.9": row["mean_retention"] >= 0.9, "ge_lora_plus_0.1": None if lora is None else row["mean_retention"] >= lora + 0.1}
+        for t, row in result["types"].items() if t != "lora" and row["mean_retention"] is not None
+    }
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["figure_pairs"] = figure(sw, args, types)
     return result
@@ -171,9 +177,9 @@ def figure(sw, args, types: list[str]) -> dict:
             prompt = joint_caption(scene)
             columns = [None, {f"{a}-{t}": 1.0}, {f"{b}-{t}": 1.0}, {f"{a}-{t}": 1.0, f"{b}-{t}": 1.0}]
             rows.append([sw(prompt, adapters=c or {}, generator=torch.Generator().manual_seed(0), height=world.SIZE,
-                            width=world.SIZE, num_inference_steps=args.steps, guidance_scale=args.guidance).images[0].resize((128, 128), Image.NEAREST)
+                            width=world.SIZE, num_inference_steps=args.steps, guidance_scale=args.guidance).images[0].resize((160, 160), Image.NEAREST)
                          for c in columns])
-            row_labels.append(f"{t} {a}+{b}")
+            row_labels.append(f"{t} {SHORT[a]}+{SHORT[b]}")
     return {"rows": row_labels, "images": rows, "columns": ["base", "A", "B", "A+B"]}
 
 
@@ -182,7 +188,7 @@ def draw(result: dict, path: Path) -> None:
 
     fig = result.pop("figure_pairs")
     lines = [f"base model: prompted shape+colour {result['base']['prompted_shape_and_colour']:.2f}",
-             f"{'type':<14}{'single sks/bf/pt':<22}{'preserve':<10}" + "".join(f"{p:<24}" for p in result["types"][next(iter(result["types"]))]["fused"]) if result["types"] else ""]
+             f"{'type':<14}{'single ' + '/'.join(SHORT.values()):<22}{'preserve':<10}" + "".join(f"{p:<24}" for p in result["types"][next(iter(result["types"]))]["fused"]) if result["types"] else ""]
     for t, row in result["types"].items():
         single = "/".join(f"{v:.2f}" for v in row["single"].values())
         fused = "".join(f"{'/'.join('-' if v is None else f'{v:.2f}' for v in f['retention'].values())} ov{f['overlap']:.2f}".ljust(24) for f in row["fused"].values())

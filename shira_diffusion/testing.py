@@ -79,21 +79,23 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def tiny_clip_tokenizer(max_length: int = 77):
-    """A CLIP tokenizer whose vocabulary is every byte (alone and word-final) plus a few merges."""
+def byte_bpe_tokenizer(merges: list[tuple[str, str]], max_length: int):
+    """A CLIP tokenizer whose vocabulary is every byte (alone and word-final) plus one token per merge."""
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {}
-    for ch in _bytes_to_unicode().values():
-        vocab[ch] = len(vocab)
-    for ch in _bytes_to_unicode().values():
-        vocab[ch + "</w>"] = len(vocab)
-    merges = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("o", "n</w>")]
+    for suffix in ("", "</w>"):
+        for ch in _bytes_to_unicode().values():
+            vocab[ch + suffix] = len(vocab)
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def tiny_clip_tokenizer(max_length: int = 77):
+    return byte_bpe_tokenizer([("t", "h"), ("th", "e</w>"), ("i", "n"), ("o", "n</w>")], max_length)
 
 
 def tiny_sdxl_unet(seed: int = 0):

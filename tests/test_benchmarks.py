@@ -45,3 +45,15 @@ def test_training_memory_smoke(tmp_path, precision):
     assert [r["method"] for r in data["runs"]] == ["ours", "peft_lora"] and all("error" not in r for r in data["runs"])
     assert data["runs"][0]["trainable_params"] == data["runs"][1]["trainable_params"]
     assert len(data["summary"]) == 1
+
+
+def test_concept_retention_smoke(tmp_path):
+    run("concept_retention.py", "--types", "lora", "shira-rand", "--seeds", "1", "--prompts", "1", "--base_prompts", "2",
+        "--steps", "2", "--out", str(tmp_path / "c.json"))
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert set(data["types"]) == {"lora", "shira-rand"}
+    row = data["types"]["shira-rand"]
+    assert set(row["fused"]) == {"sks+bluefire", "sks+paintings", "bluefire+paintings"}
+    assert 0.0 <= row["fused"]["sks+bluefire"]["overlap"] < 0.5  # each concept has its own mask seed
+    assert set(data["aim"]) == {"shira-rand"} or row["mean_retention"] is None
+    assert data["figure_rows"][0] == "lora sks+bf" and (tmp_path / "c.png").stat().st_size > 0

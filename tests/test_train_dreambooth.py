@@ -134,6 +134,22 @@ def test_prior_preservation_generates_missing_class_images(world, tmp_path):
     assert SparseAdapter.load(path).num_params > 0
 
 
+def test_class_images_use_their_caption_files(world, tmp_path, monkeypatch):
+    from PIL import Image
+
+    classes = tmp_path / "class"
+    classes.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (64, 64), colour).save(classes / f"{i}.png")
+    (classes / "0.txt").write_text("a red square")  # 1.png has no caption: it takes --class_prompt
+    seen = []
+    encode = train.encode_prompts
+    monkeypatch.setattr(train, "encode_prompts", lambda models, prompts: seen.extend(prompts) or encode(models, prompts))
+    train.main(base_args(world, tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(classes),
+                         "--class_prompt", "a blob", "--num_class_images", "2", "--max_train_steps", "1"))
+    assert {"a red square", "a blob"} <= set(seen)
+
+
 def test_lora_adapter_type_writes_diffusers_lora(world, tmp_path):
     path = train.main(base_args(world, tmp_path, "--adapter_type", "lora", "--lora_equivalent_rank", "2", "--max_train_steps", "2", "--train_text_encoder"))
     assert path.name == "pytorch_lora_weights.safetensors"

@@ -6,7 +6,10 @@
 Each concept (the ``sks`` subject and the ``bluefire`` / ``paintings`` styles) is learnt from 5
 rendered instance images by ``train_shira_dreambooth.py`` itself, once per adapter type: SHiRA
 with each mask kind and LoRA, all at the same parameter count (LoRA rank ``--rank``; SHiRA
-``rank * (rows + cols)`` entries per weight). The adapters land in ``assets/adapters`` as
+``rank * (rows + cols)`` entries per weight). Prior preservation uses rendered, captioned plain
+scenes as the class images (the base model's own training distribution), so an adapter learns
+its concept without forgetting the rest of the world. Every concept gets its own mask seed, as
+independently trained adapters would. The adapters land in ``assets/adapters`` as
 ``<concept>-<type>.safetensors`` with a ``manifest.json`` that says how each was made.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -39,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--instances", type=int, default=5)
+    p.add_argument("--class_images", type=int, default=100, help="rendered plain scenes for prior preservation (0: none)")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -55,7 +61,19 @@ def write_instances(concept: world.Concept, folder: Path, n: int, seed: int) -> 
     return world.caption(scenes[0])
 
 
-def train_adapter(args, base: Path, concept: str, kind: str, data: Path, prompt: str) -> dict:
+def write_class_images(folder: Path, n: int, seed: int) -> None:
+    """Captioned plain scenes: what prior preservation keeps the adapters from forgetting."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    rng = random.Random(f"class/{seed}")
+    for i in range(n):
+        scene = world.random_scene(rng)
+        world.render(scene).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(world.caption(scene))
+
+
+def train_adapter(args, base: Path, concept: str, kind: str, data: Path, prompt: str, mask_seed: int) -> dict:
     out = args.work_dir / "runs" / f"{concept}-{kind}"
     cmd = [sys.executable, str(ROOT / "training" / "train_shira_dreambooth.py"),
            "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(data), "--instance_prompt", prompt,
@@ -63,18 +81,23 @@ def train_adapter(args, base: Path, concept: str, kind: str, data: Path, prompt:
            "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant",
            "--seed", str(args.seed), "--mixed_precision", "no", "--cache_latents", "--checkpointing_steps", str(10 * args.steps),
            "--save_dtype", "fp32"]
+    if args.class_images:
+        cmd += ["--with_prior_preservation", "--class_data_dir", str(args.work_dir / "class"), "--class_prompt", "a shape",
+                "--num_class_images", str(args.class_images), "--prior_loss_weight", str(args.prior_loss_weight)]
     if kind == "lora":
         cmd += ["--adapter_type", "lora", "--lora_equivalent_rank", str(args.rank)]
         produced = out / "pytorch_lora_weights.safetensors"
     else:
-        cmd += ["--mask", kind.removeprefix("shira-"), "--lora_equivalent_rank", str(args.rank), "--mask_seed", str(args.seed)]
+        cmd += ["--mask", kind.removeprefix("shira-"), "--lora_equivalent_rank", str(args.rank), "--mask_seed", str(mask_seed)]
         produced = out / "shira_adapter.safetensors"
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     target = args.assets / "adapters" / f"{concept}-{kind}.safetensors"
     shutil.copyfile(produced, target)
     return {"file": target.name, "concept": concept, "type": kind, "instance_prompt": prompt, "rank": args.rank,
-            "steps": args.steps, "learning_rate": args.learning_rate, "seconds": round(time.perf_counter() - start, 1)}
+            "steps": args.steps, "learning_rate": args.learning_rate, "class_images": args.class_images,
+            "prior_loss_weight": args.prior_loss_weight, **({} if kind == "lora" else {"mask_seed": mask_seed}),
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main(argv=None) -> None:
@@ -87,11 +110,14 @@ def main(argv=None) -> None:
     (args.assets / "adapters").mkdir(parents=True, exist_ok=True)
     manifest_path = args.assets / "adapters" / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if args.class_images:
+        write_class_images(args.work_dir / "class", args.class_images, args.seed)
     for name in args.concepts:
         data = args.work_dir / "instances" / name
         prompt = write_instances(world.CONCEPTS[name], data, args.instances, args.seed)
+        mask_seed = args.seed + list(world.CONCEPTS).index(name)
         for kind in args.types:
-            entry = train_adapter(args, base, name, kind, data, prompt)
+            entry = train_adapter(args, base, name, kind, data, prompt, mask_seed)
             manifest[entry["file"]] = entry
             manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2))
             print(f"{entry['file']}: {entry['seconds']} s", flush=True)

@@ -70,7 +70,6 @@ def load_examples(
     center_crop: bool = False,
     random_flip: bool = False,
     seed: int = 0,
-    use_captions: bool = True,
 ) -> list[Example]:
     """Every readable image in ``folder`` as an :class:`Example` (augmented once, reproducibly)."""
     folder = Path(folder)
@@ -79,7 +78,7 @@ def load_examples(
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    captions = read_captions(folder) if use_captions else {}
+    captions = read_captions(folder)
     rng = random.Random(seed)
     examples, skipped = [], []
     for path in files:

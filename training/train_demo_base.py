@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", type=Path, required=True, help="where the diffusers folder is written")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", type=int, default=8, help="jittered renders per (shape, colour, background, position)")
-    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--vae_steps", type=int, default=2000)
+    p.add_argument("--codec_scenes", type=float, default=1.0, help="codec-only renders (styles, subject) per base scene in the VAE's data")
     p.add_argument("--vae_batch", type=int, default=16)
     p.add_argument("--unet_steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
@@ -66,7 +67,7 @@ def base_scenes(variants: int, seed: int) -> list[world.Scene]:
 
 
 def codec_scenes(n: int, seed: int) -> list[world.Scene]:
-    """Extra renders only the VAE sees: both styles and the subject shape."""
+    """Extra renders only the VAE sees: both styles (two thirds of them) and the subject shape."""
     rng = random.Random(seed)
     shapes = (*world.SHAPES, world.SUBJECT_SHAPE)
     return [world.random_scene(rng, shapes=shapes, style=rng.choice((None, *world.STYLES))) for _ in range(n)]
@@ -113,8 +114,9 @@ def deterministic_encoder(vae) -> None:
         vae.quant_conv.bias[half:] = -30.0
 
 
-def colour_fidelity(vae, scenes: list[world.Scene]) -> float:
-    """Share of reconstructions whose object colour the detectors still read right."""
+def codec_check(vae, scenes: list[world.Scene]) -> dict[str, float]:
+    """Share of held-out reconstructions on which the detectors still read each attribute right:
+    a style the VAE cannot reproduce is a style no adapter can learn."""
     from PIL import Image
 
     from shira_diffusion.demo.detect import read_many
@@ -122,7 +124,10 @@ def colour_fidelity(vae, scenes: list[world.Scene]) -> float:
     with torch.no_grad():
         rec = vae.decode(vae.encode(to_tensor(scenes)).latent_dist.mean).sample
     images = [Image.fromarray(((r.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()) for r in rec]
-    return sum(r.colour == s.colour for r, s in zip(read_many(images), scenes)) / len(scenes)
+    readings = read_many(images)
+    checks = {"colour": lambda r, s: r.colour == s.colour, "shape": lambda r, s: r.shape == s.shape}
+    checks.update({style: (lambda r, s, style=style: getattr(r, style) == (s.style == style)) for style in world.STYLES})
+    return {k: sum(bool(f(r, s)) for r, s in zip(readings, scenes)) / len(scenes) for k, f in checks.items()}
 
 
 def train_unet(models, latents: torch.Tensor, captions: list[str], args) -> dict:
@@ -179,12 +184,13 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     models = demo_components(args.seed)
     scenes = base_scenes(args.variants, args.seed)
-    print(f"rendering {len(scenes)} base scenes + {len(scenes) // 3} codec-only scenes")
+    n_codec = round(args.codec_scenes * len(scenes))
+    print(f"rendering {len(scenes)} base scenes + {n_codec} codec-only scenes")
     images = to_tensor(scenes)
-    train_vae(models["vae"], torch.cat([images, to_tensor(codec_scenes(len(scenes) // 3, args.seed + 7))]), args)
+    train_vae(models["vae"], torch.cat([images, to_tensor(codec_scenes(n_codec, args.seed + 7))]), args)
     deterministic_encoder(models["vae"])
-    fidelity = colour_fidelity(models["vae"], codec_scenes(100, args.seed + 11))
-    print(f"vae: colour read right on {fidelity:.0%} of held-out reconstructions", flush=True)
+    fidelity = codec_check(models["vae"], codec_scenes(150, args.seed + 11))
+    print("vae: attributes read right on held-out reconstructions: " + ", ".join(f"{k} {v:.0%}" for k, v in fidelity.items()), flush=True)
     with torch.no_grad():
         mean = torch.cat([models["vae"].encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
     scale = float(1.0 / mean.std())
@@ -196,7 +202,7 @@ def main(argv=None) -> None:
     pipe = StableDiffusionXLPipeline(**models, add_watermarker=False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     pipe.to(torch.float16 if args.save_dtype == "fp16" else torch.float32).save_pretrained(args.output_dir, safe_serialization=True)
-    summary = {"seconds": round(time.perf_counter() - start, 1), "scaling_factor": scale, "vae_colour_fidelity": fidelity, "images": len(scenes), **stats,
+    summary = {"seconds": round(time.perf_counter() - start, 1), "scaling_factor": scale, "vae_codec_check": fidelity, "images": len(scenes), **stats,
                "args": {k: str(v) for k, v in vars(args).items()}}
     (args.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--with_prior_preservation", action="store_true")
     g.add_argument("--class_data_dir", default=None)
-    g.add_argument("--class_prompt", default=None)
+    g.add_argument("--class_prompt", default=None, help="prompt for class images without a caption file (and for generating missing ones)")
     g.add_argument("--num_class_images", type=int, default=100, help="missing class images are generated with the base model")
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> Path:
     klass: list[Example] = []
     if args.with_prior_preservation:
         generate_class_images(args, accelerator)
-        klass = load_examples(args.class_data_dir, args.class_prompt, args.resolution, args.center_crop, args.random_flip, args.seed + 1, use_captions=False)
+        klass = load_examples(args.class_data_dir, args.class_prompt, args.resolution, args.center_crop, args.random_flip, args.seed + 1)
         klass = klass[: args.num_class_images]
     logger.info("%d instance image(s), %d class image(s)", len(instance), len(klass))
 

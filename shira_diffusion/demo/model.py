@@ -57,32 +57,22 @@ def world_tokenizer(max_length: int = 32):
 
     Unknown words (a new trigger word, say) still tokenize, byte by byte.
     """
-    from transformers import CLIPTokenizer
+    from ..testing import byte_bpe_tokenizer
 
-    from ..testing import _bytes_to_unicode
-
-    base: dict[str, int] = {}
-    for ch in _bytes_to_unicode().values():
-        base[ch] = len(base)
-    for ch in _bytes_to_unicode().values():
-        base[ch + "</w>"] = len(base)
     words = vocabulary()
     for attempt in range(1000):  # BPE applies merges by rank: find an order in which no word's merges cut another's
         order = list(words)
         random.Random(attempt).shuffle(order)
-        vocab, merges = dict(base), []
+        merges = []
         for word in order:
             pieces = list(word[:-1]) + [word[-1] + "</w>"]
             while len(pieces) > 1:
                 if (pieces[0], pieces[1]) not in merges:
                     merges.append((pieces[0], pieces[1]))
                 pieces = [pieces[0] + pieces[1], *pieces[2:]]
-                vocab.setdefault(pieces[0], len(vocab))
         if all(_bpe(word, merges) == word + "</w>" for word in words):
             break
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return byte_bpe_tokenizer(merges, max_length)
 
 
 def _bpe(word: str, merges: list[tuple[str, str]]) -> str:
