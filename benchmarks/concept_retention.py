@@ -4,15 +4,16 @@ On the built-in demo model with the demo adapters (``assets/adapters``, rebuilt 
 ``training/build_demo_world.py``), for every adapter type:
 
 * single: the share of generations where the detectors see the concept, adapter alone, over N
-  seeds x M held-out prompts that carry the concept's trigger;
+  seeds x M held-out prompts that carry the concept's trigger; "on prompt": seen *and* the rest
+  of the prompt drawn right (an adapter that paints its style over a wrecked scene scores 0);
 * preservation: with the adapter applied, prompts without any trigger still show the prompted
   shape and colour (the base model's own rate is reported next to it);
 * fused retention: each pair fused at scale 1.0; each concept's score with its own prompts under
-  the fusion, divided by its single score; plus the share of prompts carrying both triggers
+  the fusion, divided by its single score (also on prompt); plus the share of prompts carrying both triggers
   where both concepts show ("joint");
 * weight space: index overlap, AWOM and AWOR of each pair.
 
-    python benchmarks/concept_retention.py                       # ~10 min on 2 CPU cores
+    python benchmarks/concept_retention.py                       # ~15 min on 2 CPU cores
     python benchmarks/concept_retention.py --seeds 1 --prompts 2 --steps 4 --out /tmp/cr.json   # smoke run
 """
 
@@ -88,6 +89,15 @@ def concept_seen(name: str):
     return lambda r, s: getattr(r, style)
 
 
+def concept_on_prompt(name: str):
+    """The concept seen *and* the rest of the prompt drawn right (the subject in its orange, a style
+    on the prompted shape and colour): a concept that wipes out the scene does not count."""
+    seen = concept_seen(name)
+    if world.CONCEPTS[name].style is None:
+        return lambda r, s: seen(r, s) and r.colour == world.SUBJECT_COLOUR
+    return lambda r, s: seen(r, s) and preserved(r, s)
+
+
 def preserved(r, s) -> bool:
     return r.shape == s.shape and r.colour == s.colour
 
@@ -134,29 +144,33 @@ def run(args) -> dict:
     print(json.dumps(result["base"]), flush=True)
     for t in types:
         name = {c: f"{c}-{t}" for c in world.CONCEPTS}
-        row = {"single": {}, "preservation": {}, "fused": {}, "params": sw.list_adapters()[name["sks"]]["params"]}
+        row = {"single": {}, "single_on_prompt": {}, "preservation": {}, "fused": {}, "params": sw.list_adapters()[name["sks"]]["params"]}
         for c in world.CONCEPTS:
-            row["single"][c] = bench.score(concept_prompts[c], {name[c]: 1.0}, concept_seen(c))
+            row["single"][c], row["single_on_prompt"][c] = bench.score(concept_prompts[c], {name[c]: 1.0}, concept_seen(c), concept_on_prompt(c))
             row["preservation"][c] = bench.score(plain, {name[c]: 1.0}, preserved)
         for a, b in PAIRS:
             fused = {name[a]: 1.0, name[b]: 1.0}
-            scores = {c: bench.score(concept_prompts[c], fused, concept_seen(c)) for c in (a, b)}
+            both_scores = {c: bench.score(concept_prompts[c], fused, concept_seen(c), concept_on_prompt(c)) for c in (a, b)}
+            scores, strict = ({c: v[i] for c, v in both_scores.items()} for i in (0, 1))
             both = joint_scenes(a, b, args.prompts)
             readings = read_many(bench.generate([joint_caption(s) for s in both], fused))
             weights = interference(sw.get_adapter(name[a]), sw.get_adapter(name[b]))["aggregate"]
             row["fused"][f"{a}+{b}"] = {
                 "score": scores,
                 "retention": {c: (scores[c] / row["single"][c] if row["single"][c] else None) for c in (a, b)},
+                "score_on_prompt": strict,
+                "retention_on_prompt": {c: (strict[c] / row["single_on_prompt"][c] if row["single_on_prompt"][c] else None) for c in (a, b)},
                 "joint": sum(concept_seen(a)(r, None) and concept_seen(b)(r, None) for r in readings) / len(readings),
                 "overlap": weights["overlap"], "awom": weights["awom"], "awor": weights["awor"],
             }
         kept = [v for f in row["fused"].values() for v in f["retention"].values() if v is not None]
         row["mean_single"] = sum(row["single"].values()) / len(row["single"])
+        row["mean_single_on_prompt"] = sum(row["single_on_prompt"].values()) / len(row["single_on_prompt"])
         row["mean_preservation"] = sum(row["preservation"].values()) / len(row["preservation"])
         row["mean_retention"] = sum(kept) / len(kept) if kept else None
         row["mean_joint"] = sum(f["joint"] for f in row["fused"].values()) / len(row["fused"])
         result["types"][t] = row
-        print(t, json.dumps({k: row[k] for k in ("mean_single", "mean_preservation", "mean_retention", "mean_joint")}), flush=True)
+        print(t, json.dumps({k: row[k] for k in ("mean_single", "mean_single_on_prompt", "mean_preservation", "mean_retention", "mean_joint")}), flush=True)
     lora = result["types"].get("lora", {}).get("mean_retention")
     result["aim"] = {  # SHiRA keeps >= 0.9 of its concepts under fusion, and >= LoRA's retention + 0.1
         t: {"retention_ge_0.9": row["mean_retention"] >= 0.9, "ge_lora_plus_0.1": None if lora is None else row["mean_retention"] >= lora + 0.1}
@@ -188,13 +202,14 @@ def draw(result: dict, path: Path) -> None:
 
     fig = result.pop("figure_pairs")
     lines = [f"base model: prompted shape+colour {result['base']['prompted_shape_and_colour']:.2f}",
-             f"{'type':<14}{'single ' + '/'.join(SHORT.values()):<22}{'preserve':<10}" + "".join(f"{p:<24}" for p in result["types"][next(iter(result["types"]))]["fused"]) if result["types"] else ""]
+             f"{'type':<14}{'single ' + '/'.join(SHORT.values()):<22}{'on prompt':<18}{'preserve':<10}" + "".join(f"{p:<24}" for p in result["types"][next(iter(result["types"]))]["fused"]) if result["types"] else ""]
     for t, row in result["types"].items():
         single = "/".join(f"{v:.2f}" for v in row["single"].values())
         fused = "".join(f"{'/'.join('-' if v is None else f'{v:.2f}' for v in f['retention'].values())} ov{f['overlap']:.2f}".ljust(24) for f in row["fused"].values())
-        lines.append(f"{t:<14}{single:<22}{row['mean_preservation']:<10.2f}{fused}")
+        strict = "/".join(f"{v:.2f}" for v in row["single_on_prompt"].values())
+        lines.append(f"{t:<14}{single:<22}{strict:<18}{row['mean_preservation']:<10.2f}{fused}")
     font = ImageFont.load_default()
-    table = Image.new("RGB", (900, 16 * len(lines) + 30), "white")
+    table = Image.new("RGB", (1000, 16 * len(lines) + 30), "white")
     d = ImageDraw.Draw(table)
     d.text((10, 6), "concept retention (fused score / single score) per pair; ov = index overlap", fill="black", font=font)
     for i, line in enumerate(lines):

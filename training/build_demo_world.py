@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--instances", type=int, default=5)
+    p.add_argument("--unet_only", action="store_true", help="adapt the UNet only (default: the UNet and both text encoders, so a new trigger word gets a meaning)")
     p.add_argument("--class_images", type=int, default=100, help="rendered plain scenes for prior preservation (0: none)")
     p.add_argument("--prior_loss_weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +82,8 @@ def train_adapter(args, base: Path, concept: str, kind: str, data: Path, prompt:
            "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant",
            "--seed", str(args.seed), "--mixed_precision", "no", "--cache_latents", "--checkpointing_steps", str(10 * args.steps),
            "--save_dtype", "fp32"]
+    if not args.unet_only:
+        cmd += ["--train_text_encoder", "--text_encoder_lr", str(args.learning_rate)]
     if args.class_images:
         cmd += ["--with_prior_preservation", "--class_data_dir", str(args.work_dir / "class"), "--class_prompt", "a shape",
                 "--num_class_images", str(args.class_images), "--prior_loss_weight", str(args.prior_loss_weight)]
@@ -95,7 +98,7 @@ def train_adapter(args, base: Path, concept: str, kind: str, data: Path, prompt:
     target = args.assets / "adapters" / f"{concept}-{kind}.safetensors"
     shutil.copyfile(produced, target)
     return {"file": target.name, "concept": concept, "type": kind, "instance_prompt": prompt, "rank": args.rank,
-            "steps": args.steps, "learning_rate": args.learning_rate, "class_images": args.class_images,
+            "steps": args.steps, "learning_rate": args.learning_rate, "text_encoders": not args.unet_only, "class_images": args.class_images,
             "prior_loss_weight": args.prior_loss_weight, **({} if kind == "lora" else {"mask_seed": mask_seed}),
             "seconds": round(time.perf_counter() - start, 1)}
 
