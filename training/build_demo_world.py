@@ -1,6 +1,6 @@
 """Rebuild the whole demo world from seeds: the base model, the instance images, every demo adapter.
 
-    python training/build_demo_world.py                   # everything, ~50 min on 2 CPU cores
+    python training/build_demo_world.py                   # everything, ~75 min on 2 CPU cores
     python training/build_demo_world.py --skip_base       # adapters only, on the existing assets/demo
 
 Each concept (the ``sks`` subject and the ``bluefire`` / ``paintings`` styles) is learnt from 5
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--concepts", nargs="+", choices=list(world.CONCEPTS), default=list(world.CONCEPTS))
     p.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
     p.add_argument("--rank", type=int, default=4, help="LoRA rank; SHiRA gets the same parameter count")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--instances", type=int, default=5)
     p.add_argument("--unet_only", action="store_true", help="adapt the UNet only (default: the UNet and both text encoders, so a new trigger word gets a meaning)")
