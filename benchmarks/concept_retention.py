@@ -98,6 +98,11 @@ def concept_on_prompt(name: str):
     return lambda r, s: seen(r, s) and preserved(r, s)
 
 
+def retention(fused: dict[str, float], single: dict[str, float]) -> dict[str, float | None]:
+    """Fused score over single score per concept (None where the adapter alone never showed it)."""
+    return {c: (v / single[c] if single[c] else None) for c, v in fused.items()}
+
+
 def preserved(r, s) -> bool:
     return r.shape == s.shape and r.colour == s.colour
 
@@ -150,16 +155,17 @@ def run(args) -> dict:
             row["preservation"][c] = bench.score(plain, {name[c]: 1.0}, preserved)
         for a, b in PAIRS:
             fused = {name[a]: 1.0, name[b]: 1.0}
-            both_scores = {c: bench.score(concept_prompts[c], fused, concept_seen(c), concept_on_prompt(c)) for c in (a, b)}
-            scores, strict = ({c: v[i] for c, v in both_scores.items()} for i in (0, 1))
+            scores, strict = {}, {}
+            for c in (a, b):
+                scores[c], strict[c] = bench.score(concept_prompts[c], fused, concept_seen(c), concept_on_prompt(c))
             both = joint_scenes(a, b, args.prompts)
             readings = read_many(bench.generate([joint_caption(s) for s in both], fused))
             weights = interference(sw.get_adapter(name[a]), sw.get_adapter(name[b]))["aggregate"]
             row["fused"][f"{a}+{b}"] = {
                 "score": scores,
-                "retention": {c: (scores[c] / row["single"][c] if row["single"][c] else None) for c in (a, b)},
+                "retention": retention(scores, row["single"]),
                 "score_on_prompt": strict,
-                "retention_on_prompt": {c: (strict[c] / row["single_on_prompt"][c] if row["single_on_prompt"][c] else None) for c in (a, b)},
+                "retention_on_prompt": retention(strict, row["single_on_prompt"]),
                 "joint": sum(concept_seen(a)(r, None) and concept_seen(b)(r, None) for r in readings) / len(readings),
                 "overlap": weights["overlap"], "awom": weights["awom"], "awor": weights["awor"],
             }

@@ -50,28 +50,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_instances(concept: world.Concept, folder: Path, n: int, seed: int) -> str:
-    """Instance images with one caption file each; returns the instance prompt of the first."""
+def write_scenes(folder: Path, scenes: list[world.Scene]) -> None:
+    """Each scene as an image with its caption file (instance images and prior-preservation class images)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    scenes = concept.instance_scenes(n, seed)
     for i, scene in enumerate(scenes):
-        world.render(scene).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(world.caption(scene))
-    return world.caption(scenes[0])
-
-
-def write_class_images(folder: Path, n: int, seed: int) -> None:
-    """Captioned plain scenes: what prior preservation keeps the adapters from forgetting."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    rng = random.Random(f"class/{seed}")
-    for i in range(n):
-        scene = world.random_scene(rng)
         world.render(scene).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(world.caption(scene))
+
+
+def class_scenes(n: int, seed: int) -> list[world.Scene]:
+    """Plain scenes: what prior preservation keeps the adapters from forgetting."""
+    rng = random.Random(f"class/{seed}")
+    return [world.random_scene(rng) for _ in range(n)]
 
 
 def train_adapter(args, base: Path, concept: str, kind: str, data: Path, prompt: str, mask_seed: int) -> dict:
@@ -114,10 +106,12 @@ def main(argv=None) -> None:
     manifest_path = args.assets / "adapters" / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if args.class_images:
-        write_class_images(args.work_dir / "class", args.class_images, args.seed)
+        write_scenes(args.work_dir / "class", class_scenes(args.class_images, args.seed))
     for name in args.concepts:
         data = args.work_dir / "instances" / name
-        prompt = write_instances(world.CONCEPTS[name], data, args.instances, args.seed)
+        scenes = world.CONCEPTS[name].instance_scenes(args.instances, args.seed)
+        write_scenes(data, scenes)
+        prompt = world.caption(scenes[0])
         mask_seed = args.seed + list(world.CONCEPTS).index(name)
         for kind in args.types:
             entry = train_adapter(args, base, name, kind, data, prompt, mask_seed)
