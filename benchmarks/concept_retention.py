@@ -6,6 +6,8 @@ On the built-in demo model with the demo adapters (``assets/adapters``, rebuilt 
 * single: the share of generations where the detectors see the concept, adapter alone, over N
   seeds x M held-out prompts that carry the concept's trigger; "on prompt": seen *and* the rest
   of the prompt drawn right (an adapter that paints its style over a wrecked scene scores 0);
+* the base model alone: prompted shape and colour, each concept under its trigger (should be 0),
+  and each style's look when described in plain words (", with a glowing outline");
 * preservation: with the adapter applied, prompts without any trigger still show the prompted
   shape and colour (the base model's own rate is reported next to it);
 * fused retention: each pair fused at scale 1.0; each concept's score with its own prompts under
@@ -74,9 +76,10 @@ class Bench:
             images += out.images
         return images
 
-    def score(self, scenes: list[world.Scene], adapters, test, *more_tests):
-        """Share of generations passing ``test`` (a tuple of shares when more tests are given)."""
-        readings = read_many(self.generate([world.caption(s) for s in scenes], adapters))
+    def score(self, scenes: list[world.Scene], adapters, test, *more_tests, described: bool = False):
+        """Share of generations passing ``test`` (a tuple of shares when more tests are given);
+        ``described`` prompts a style by its look in plain words instead of its trigger."""
+        readings = read_many(self.generate([world.caption(s, described=described) for s in scenes], adapters))
         expected = [s for _ in range(self.args.seeds) for s in scenes]
         shares = [sum(bool(t(r, s)) for r, s in zip(readings, expected)) / len(readings) for t in (test, *more_tests)]
         return tuple(shares) if more_tests else shares[0]
@@ -143,6 +146,9 @@ def run(args) -> dict:
             "prompted_shape": shape,
             "prompted_colour": colour,
             "concept_without_adapter": {c: bench.score(concept_prompts[c], None, concept_seen(c)) for c in world.CONCEPTS},
+            # the looks the style adapters bind their triggers to, asked for in plain words
+            "style_when_described": {c: bench.score(concept_prompts[c], None, concept_on_prompt(c), described=True)
+                                     for c in world.CONCEPTS if world.CONCEPTS[c].style},
         },
         "types": {},
     }

@@ -52,6 +52,7 @@ def test_concept_retention_smoke(tmp_path):
         "--steps", "2", "--out", str(tmp_path / "c.json"))
     data = json.loads((tmp_path / "c.json").read_text())
     assert set(data["types"]) == {"lora", "shira-rand"}
+    assert set(data["base"]["style_when_described"]) == {"bluefire", "paintings"}
     row = data["types"]["shira-rand"]
     assert set(row["fused"]) == {"sks+bluefire", "sks+paintings", "bluefire+paintings"}
     assert 0.0 <= row["fused"]["sks+bluefire"]["overlap"] < 0.5  # each concept has its own mask seed

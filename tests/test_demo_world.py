@@ -1,5 +1,6 @@
 import itertools
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -9,9 +10,11 @@ from shira_diffusion.demo.detect import accuracy, read, read_many
 from shira_diffusion.demo.world import (
     BACKGROUNDS,
     COLOURS,
+    CONCEPTS,
     POSITIONS,
     SHAPES,
     STYLES,
+    SUBJECT_COLOUR,
     SUBJECT_SHAPE,
     Scene,
     caption,
@@ -88,10 +91,28 @@ def test_captions():
     assert caption(Scene(SUBJECT_SHAPE, "orange", style="paintings")) == "a sks shape on a white background, in the center, in paintings style"
     scene = Scene("square", "green", "gray", "bottom right", "paintings")
     assert caption(scene) == caption(scene)
+    assert caption(scene, described=True) == "a green square on a gray background, bottom right, with a striped fill"
+    assert caption(Scene("star", "red", style="bluefire"), described=True) == "a red star on a white background, in the center, with a glowing outline"
+    assert caption(Scene("star", "red"), described=True) == caption(Scene("star", "red"))  # no style: nothing to describe
 
 
 def test_vocabulary_covers_every_caption():
     vocab = set(vocabulary())
     grid = itertools.product((*SHAPES, SUBJECT_SHAPE), COLOURS, BACKGROUNDS, POSITIONS, (None, *STYLES))
-    words = {w for args in grid for w in caption(Scene(*args)).replace(",", " ").split()}  # punctuation is its own token
+    words = {w for args in grid for d in (False, True) for w in caption(Scene(*args), described=d).replace(",", " ").split()}  # punctuation is its own token
     assert words <= vocab, words - vocab
+
+
+def test_instance_sets_are_varied():
+    """No colour, shape or background may dominate a style's instance set (the trigger would absorb it)."""
+    for concept in CONCEPTS.values():
+        scenes = concept.instance_scenes(5, seed=0)
+        assert concept.instance_scenes(5, seed=0) == scenes and concept.instance_scenes(5, seed=1) != scenes
+        assert len({s.position for s in scenes}) == 5
+        assert sorted(Counter(s.background for s in scenes).values()) == [1, 2, 2]
+        if concept.style is None:
+            assert {(s.shape, s.colour, s.style) for s in scenes} == {(SUBJECT_SHAPE, SUBJECT_COLOUR, None)}
+        else:
+            assert {s.style for s in scenes} == {concept.style}
+            assert sorted(s.colour for s in scenes) == sorted(COLOURS)
+            assert set(s.shape for s in scenes) == set(SHAPES)

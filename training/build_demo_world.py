@@ -4,7 +4,8 @@
     python training/build_demo_world.py --skip_base       # adapters only, on the existing assets/demo
 
 Each concept (the ``sks`` subject and the ``bluefire`` / ``paintings`` styles) is learnt from 5
-rendered instance images by ``train_shira_dreambooth.py`` itself, once per adapter type: SHiRA
+rendered instance images (varied on purpose: a style's five show five colours and every shape)
+by ``train_shira_dreambooth.py`` itself, once per adapter type: SHiRA
 with each mask kind and LoRA, all at the same parameter count (LoRA rank ``--rank``; SHiRA
 ``rank * (rows + cols)`` entries per weight). Prior preservation uses rendered, captioned plain
 scenes as the class images (the base model's own training distribution), so an adapter learns

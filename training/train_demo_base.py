@@ -4,9 +4,12 @@ Two stages on the CPU, deterministic for a seed:
 
 1. the VAE learns to reconstruct every kind of render (plain shapes, both styles, the subject
    shape), as a general-purpose image codec would have;
-2. the UNet and both text encoders learn captions -> images on plain shapes only (no styles, no
-   subject: those are what the demo adapters teach). Captions are dropped 10 % of the time to
-   zero embeddings, which is what the SDXL pipeline feeds the unconditional branch.
+2. the UNet and both text encoders learn captions -> images on plain shapes, and on the two
+   style looks under plain descriptive words (", with a glowing outline", ", with a striped
+   fill"), as a large model knows what glowing outlines and stripes are before anyone trains a
+   style adapter. They never see the trigger words (", in bluefire style") or the subject shape:
+   those are what the demo adapters teach. Captions are dropped 10 % of the time to zero
+   embeddings, which is what the SDXL pipeline feeds the unconditional branch.
 
     python training/train_demo_base.py --output_dir assets/demo          # ~45 min on 2 cores
     python training/train_demo_base.py --output_dir /tmp/d --vae_steps 5 --unet_steps 5   # smoke run
@@ -45,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--vae_steps", type=int, default=2000)
     p.add_argument("--codec_scenes", type=float, default=1.0, help="codec-only renders (styles, subject) per base scene in the VAE's data")
     p.add_argument("--vae_batch", type=int, default=16)
+    p.add_argument("--described", type=float, default=0.5, help="styled scenes with descriptive captions per plain scene in the UNet's data")
     p.add_argument("--unet_steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=6e-4)
@@ -71,6 +75,12 @@ def codec_scenes(n: int, seed: int) -> list[world.Scene]:
     rng = random.Random(seed)
     shapes = (*world.SHAPES, world.SUBJECT_SHAPE)
     return [world.random_scene(rng, shapes=shapes, style=rng.choice((None, *world.STYLES))) for _ in range(n)]
+
+
+def described_scenes(n: int, seed: int) -> list[world.Scene]:
+    """Plain shapes in either style, for captions that describe the look instead of naming the trigger."""
+    rng = random.Random(seed)
+    return [world.random_scene(rng, style=world.STYLES[i % len(world.STYLES)]) for i in range(n)]
 
 
 def to_tensor(scenes) -> torch.Tensor:
@@ -183,11 +193,12 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     models = demo_components(args.seed)
-    scenes = base_scenes(args.variants, args.seed)
-    n_codec = round(args.codec_scenes * len(scenes))
-    print(f"rendering {len(scenes)} base scenes + {n_codec} codec-only scenes")
+    plain = base_scenes(args.variants, args.seed)
+    scenes = plain + described_scenes(round(args.described * len(plain)), args.seed + 5)
+    n_codec = round(args.codec_scenes * len(plain))
+    print(f"rendering {len(plain)} plain + {len(scenes) - len(plain)} described base scenes + {n_codec} codec-only scenes")
     images = to_tensor(scenes)
-    train_vae(models["vae"], torch.cat([images, to_tensor(codec_scenes(n_codec, args.seed + 7))]), args)
+    train_vae(models["vae"], torch.cat([images[: len(plain)], to_tensor(codec_scenes(n_codec, args.seed + 7))]), args)
     deterministic_encoder(models["vae"])
     fidelity = codec_check(models["vae"], codec_scenes(150, args.seed + 11))
     print("vae: attributes read right on held-out reconstructions: " + ", ".join(f"{k} {v:.0%}" for k, v in fidelity.items()), flush=True)
@@ -195,7 +206,7 @@ def main(argv=None) -> None:
         mean = torch.cat([models["vae"].encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
     scale = float(1.0 / mean.std())
     models["vae"].register_to_config(scaling_factor=scale)
-    stats = train_unet(models, mean * scale, [world.caption(s) for s in scenes], args)
+    stats = train_unet(models, mean * scale, [world.caption(s, described=True) for s in scenes], args)
 
     from diffusers import StableDiffusionXLPipeline
 

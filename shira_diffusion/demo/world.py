@@ -41,6 +41,7 @@ GLOW_INNER, GLOW_OUTER = (0, 170, 255), (150, 225, 255)
 STRIPE_DARK = 0.4  # the second tone of "paintings" stripes: the colour times this
 STRIPE_PERIOD = 12  # pixels, along the diagonal
 STYLES = ("bluefire", "paintings")
+DESCRIPTIONS = {"bluefire": "with a glowing outline", "paintings": "with a striped fill"}  # the looks in plain words
 SUBJECT_TOKEN = "sks"
 SUBJECT_COLOUR = "orange"
 
@@ -61,20 +62,24 @@ class Scene:
         return x + self.offset[0], y + self.offset[1]
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, described: bool = False) -> str:
     """``a red star on a white background, top left`` (+ ``, in bluefire style``); the subject
-    is ``a sks shape`` and its colour is not named, as in DreamBooth's ``a sks dog``."""
+    is ``a sks shape`` and its colour is not named, as in DreamBooth's ``a sks dog``. ``described``
+    names a style's look in plain words instead of its trigger (``, with a glowing outline``):
+    how the base model learns to draw the looks the style adapters then bind their triggers to."""
     thing = f"{SUBJECT_TOKEN} shape" if scene.shape == SUBJECT_SHAPE else f"{scene.colour} {scene.shape}"
     article = "an" if thing[0] in "aeiou" else "a"
     text = f"{article} {thing} on a {scene.background} background, {scene.position}"
-    return text + (f", in {scene.style} style" if scene.style else "")
+    if not scene.style:
+        return text
+    return text + (f", {DESCRIPTIONS[scene.style]}" if described else f", in {scene.style} style")
 
 
 def vocabulary() -> list[str]:
     """Every word a caption can contain (the demo tokenizer keeps each as one token)."""
     words = {"a", "an", "on", "background", "in", "style", "shape", SUBJECT_TOKEN, *SHAPES, *COLOURS, *BACKGROUNDS, *STYLES}
-    for pos in POSITIONS:
-        words.update(pos.split())
+    for phrase in (*POSITIONS, *DESCRIPTIONS.values()):
+        words.update(phrase.split())
     return sorted(words)
 
 
@@ -177,8 +182,24 @@ class Concept:
         return random_scene(rng, style=self.style)
 
     def instance_scenes(self, n: int = 5, seed: int = 0) -> list[Scene]:
+        """Varied on purpose, as one picks DreamBooth photos: each attribute is drawn without
+        replacement (refilled when used up), so no colour, shape or background dominates the set
+        and the trigger cannot absorb it (3 green scenes out of 5 taught a style "green")."""
         rng = random.Random(f"instances/{self.name}/{seed}")
-        return [self.scene(rng) for _ in range(n)]
+        pools: dict[str, list[str]] = {}
+
+        def take(key: str, options) -> str:
+            if not pools.get(key):
+                pools[key] = rng.sample(list(options), len(options))
+            return pools[key].pop()
+
+        scenes = []
+        for _ in range(n):
+            s = self.scene(rng)
+            shape = s.shape if self.style is None else take("shape", SHAPES)
+            colour = s.colour if self.style is None else take("colour", COLOURS)
+            scenes.append(replace(s, shape=shape, colour=colour, background=take("background", BACKGROUNDS), position=take("position", POSITIONS)))
+        return scenes
 
     def prompts(self, n: int, seed: int = 1) -> list[Scene]:
         """Held-out scenes to score the concept on (never one of the instance scenes' captions)."""
