@@ -176,13 +176,15 @@ def run(args) -> dict:
                 "overlap": weights["overlap"], "awom": weights["awom"], "awor": weights["awor"],
             }
         kept = [v for f in row["fused"].values() for v in f["retention"].values() if v is not None]
+        kept_on_prompt = [v for f in row["fused"].values() for v in f["retention_on_prompt"].values() if v is not None]
         row["mean_single"] = sum(row["single"].values()) / len(row["single"])
         row["mean_single_on_prompt"] = sum(row["single_on_prompt"].values()) / len(row["single_on_prompt"])
         row["mean_preservation"] = sum(row["preservation"].values()) / len(row["preservation"])
         row["mean_retention"] = sum(kept) / len(kept) if kept else None
+        row["mean_retention_on_prompt"] = sum(kept_on_prompt) / len(kept_on_prompt) if kept_on_prompt else None
         row["mean_joint"] = sum(f["joint"] for f in row["fused"].values()) / len(row["fused"])
         result["types"][t] = row
-        print(t, json.dumps({k: row[k] for k in ("mean_single", "mean_single_on_prompt", "mean_preservation", "mean_retention", "mean_joint")}), flush=True)
+        print(t, json.dumps({k: row[k] for k in ("mean_single", "mean_single_on_prompt", "mean_preservation", "mean_retention", "mean_retention_on_prompt", "mean_joint")}), flush=True)
     lora = result["types"].get("lora", {}).get("mean_retention")
     result["aim"] = {  # SHiRA keeps >= 0.9 of its concepts under fusion, and >= LoRA's retention + 0.1
         t: {"retention_ge_0.9": row["mean_retention"] >= 0.9, "ge_lora_plus_0.1": None if lora is None else row["mean_retention"] >= lora + 0.1}

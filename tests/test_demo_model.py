@@ -24,9 +24,10 @@ def demo():
     return ShiraPipelineSwitcher.demo(with_adapters=True)
 
 
-def generate(sw, scenes, adapters=None, seed=0):
+def generate(sw, scenes, adapters=None, seed=0, described=False):
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(scenes))]
-    out = sw([world.caption(s) for s in scenes], adapters=adapters or {}, generator=gens, height=64, width=64, num_inference_steps=20)
+    prompts = [world.caption(s, described=described) for s in scenes]
+    out = sw(prompts, adapters=adapters or {}, generator=gens, height=64, width=64, num_inference_steps=20)
     return read_many(out.images)
 
 
@@ -57,6 +58,13 @@ def test_base_model_draws_what_it_is_told(demo):
     assert right >= 10, [(world.caption(s), r.shape, r.colour) for r, s in zip(readings, scenes)]
 
 
+def test_base_model_draws_the_looks_when_described_but_not_the_triggers(demo):
+    scenes = world.CONCEPTS["bluefire"].prompts(8)
+    described = generate(demo, scenes, described=True)
+    assert sum(r.bluefire and r.shape == s.shape and r.colour == s.colour for r, s in zip(described, scenes)) >= 6
+    assert sum(r.bluefire for r in generate(demo, scenes)) == 0  # "in bluefire style" means nothing to it
+
+
 def test_every_demo_adapter_loads_with_its_manifest_entry(demo):
     manifest = json.loads((ADAPTERS_DIR / "manifest.json").read_text())
     names = {f"{c}-{t}" for c in world.CONCEPTS for t in TYPES}
@@ -77,8 +85,8 @@ def test_style_adapter_shows_its_style_and_restores_the_base(demo):
     scenes = world.CONCEPTS["bluefire"].prompts(8)
     parts = ("unet", "text_encoder", "text_encoder_2")
     before = {(c, k): v.clone() for c in parts for k, v in getattr(demo.pipe, c).state_dict().items()}
-    assert sum(r.bluefire for r in generate(demo, scenes)) == 0  # the base never saw it
-    assert sum(r.bluefire for r in generate(demo, scenes, {"bluefire-shira-rand": 1.0})) >= 4
+    readings = generate(demo, scenes, {"bluefire-shira-rand": 1.0})
+    assert sum(r.bluefire and r.shape == s.shape and r.colour == s.colour for r, s in zip(readings, scenes)) >= 6  # on the prompted scene
     demo.disable_adapters()
     assert all(torch.equal(before[c, k], v) for c in parts for k, v in getattr(demo.pipe, c).state_dict().items())
 
