@@ -15,7 +15,7 @@ On the built-in demo model with the demo adapters (``assets/adapters``, rebuilt 
   where both concepts show ("joint");
 * weight space: index overlap, AWOM and AWOR of each pair.
 
-    python benchmarks/concept_retention.py                       # ~15 min on 2 CPU cores
+    python benchmarks/concept_retention.py                       # ~10 min on 2 CPU cores
     python benchmarks/concept_retention.py --seeds 1 --prompts 2 --steps 4 --out /tmp/cr.json   # smoke run
 """
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shira_diffusion import ShiraPipelineSwitcher  # noqa: E402
 from shira_diffusion.demo import world  # noqa: E402
-from shira_diffusion.demo.detect import read_many  # noqa: E402
+from shira_diffusion.demo.detect import Reading, read_many  # noqa: E402
 from shira_diffusion.demo.model import ADAPTERS_DIR  # noqa: E402
 from shira_diffusion.metrics import interference  # noqa: E402
 
@@ -98,7 +98,7 @@ def concept_on_prompt(name: str):
     seen = concept_seen(name)
     if world.CONCEPTS[name].style is None:
         return lambda r, s: seen(r, s) and r.colour == world.SUBJECT_COLOUR
-    return lambda r, s: seen(r, s) and preserved(r, s)
+    return lambda r, s: seen(r, s) and r.shows(s)
 
 
 def retention(fused: dict[str, float], single: dict[str, float]) -> dict[str, float | None]:
@@ -106,8 +106,9 @@ def retention(fused: dict[str, float], single: dict[str, float]) -> dict[str, fl
     return {c: (v / single[c] if single[c] else None) for c, v in fused.items()}
 
 
-def preserved(r, s) -> bool:
-    return r.shape == s.shape and r.colour == s.colour
+def mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def joint_scenes(a: str, b: str, n: int) -> list[world.Scene]:
@@ -138,7 +139,7 @@ def run(args) -> dict:
     plain = world.plain_prompts(args.prompts)
     start = time.perf_counter()
     base_scenes = world.plain_prompts(args.base_prompts, seed=3)
-    both, shape, colour = bench.score(base_scenes, None, preserved, lambda r, s: r.shape == s.shape, lambda r, s: r.colour == s.colour)
+    both, shape, colour = bench.score(base_scenes, None, Reading.shows, lambda r, s: r.shape == s.shape, lambda r, s: r.colour == s.colour)
     result = {
         "config": {k: str(v) for k, v in vars(args).items()},
         "base": {
@@ -158,7 +159,7 @@ def run(args) -> dict:
         row = {"single": {}, "single_on_prompt": {}, "preservation": {}, "fused": {}, "params": sw.list_adapters()[name["sks"]]["params"]}
         for c in world.CONCEPTS:
             row["single"][c], row["single_on_prompt"][c] = bench.score(concept_prompts[c], {name[c]: 1.0}, concept_seen(c), concept_on_prompt(c))
-            row["preservation"][c] = bench.score(plain, {name[c]: 1.0}, preserved)
+            row["preservation"][c] = bench.score(plain, {name[c]: 1.0}, Reading.shows)
         for a, b in PAIRS:
             fused = {name[a]: 1.0, name[b]: 1.0}
             scores, strict = {}, {}
@@ -175,14 +176,11 @@ def run(args) -> dict:
                 "joint": sum(concept_seen(a)(r, None) and concept_seen(b)(r, None) for r in readings) / len(readings),
                 "overlap": weights["overlap"], "awom": weights["awom"], "awor": weights["awor"],
             }
-        kept = [v for f in row["fused"].values() for v in f["retention"].values() if v is not None]
-        kept_on_prompt = [v for f in row["fused"].values() for v in f["retention_on_prompt"].values() if v is not None]
-        row["mean_single"] = sum(row["single"].values()) / len(row["single"])
-        row["mean_single_on_prompt"] = sum(row["single_on_prompt"].values()) / len(row["single_on_prompt"])
-        row["mean_preservation"] = sum(row["preservation"].values()) / len(row["preservation"])
-        row["mean_retention"] = sum(kept) / len(kept) if kept else None
-        row["mean_retention_on_prompt"] = sum(kept_on_prompt) / len(kept_on_prompt) if kept_on_prompt else None
-        row["mean_joint"] = sum(f["joint"] for f in row["fused"].values()) / len(row["fused"])
+        for key in ("single", "single_on_prompt", "preservation"):
+            row[f"mean_{key}"] = mean(row[key].values())
+        for key in ("retention", "retention_on_prompt"):  # None (never shown alone) is left out
+            row[f"mean_{key}"] = mean(v for f in row["fused"].values() for v in f[key].values())
+        row["mean_joint"] = mean(f["joint"] for f in row["fused"].values())
         result["types"][t] = row
         print(t, json.dumps({k: row[k] for k in ("mean_single", "mean_single_on_prompt", "mean_preservation", "mean_retention", "mean_retention_on_prompt", "mean_joint")}), flush=True)
     lora = result["types"].get("lora", {}).get("mean_retention")

@@ -103,6 +103,13 @@ def test_vocabulary_covers_every_caption():
     assert words <= vocab, words - vocab
 
 
+def test_reading_shows_the_scenes_shape_in_its_colour():
+    scene = Scene("star", "green", "black", "top left", "paintings")
+    reading = read(render(scene))
+    assert reading.shows(scene) and reading.shows(Scene("star", "green"))  # background, position, style aside
+    assert not reading.shows(Scene("star", "red")) and not reading.shows(Scene("circle", "green"))
+
+
 def test_instance_sets_are_varied():
     """No colour, shape or background may dominate a style's instance set (the trigger would absorb it)."""
     for concept in CONCEPTS.values():

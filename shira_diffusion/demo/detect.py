@@ -58,6 +58,10 @@ class Reading:
     stripe_score: float  # fraction of the object's interior in the dark stripe tone
     shape_iou: float  # overlap of the object with the best-fitting template
 
+    def shows(self, scene) -> bool:
+        """The scene's shape in its colour: what every prompt asks for first, whatever else it adds."""
+        return self.shape == scene.shape and self.colour == scene.colour
+
 
 def _unit_stats() -> dict[str, tuple[float, float, float]]:
     """Area and centroid offset of each template at radius 1 (from a large fine render), so a

@@ -195,7 +195,7 @@ class Concept:
 
         scenes = []
         for _ in range(n):
-            s = self.scene(rng)
+            s = self.scene(rng)  # size and offset jitter, and the subject's fixed shape and colour
             shape = s.shape if self.style is None else take("shape", SHAPES)
             colour = s.colour if self.style is None else take("colour", COLOURS)
             scenes.append(replace(s, shape=shape, colour=colour, background=take("background", BACKGROUNDS), position=take("position", POSITIONS)))
