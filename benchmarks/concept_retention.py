@@ -10,12 +10,15 @@ On the built-in demo model with the demo adapters (``assets/adapters``, rebuilt 
   and each style's look when described in plain words (", with a glowing outline");
 * preservation: with the adapter applied, prompts without any trigger still show the prompted
   shape and colour (the base model's own rate is reported next to it);
+* leak: with the adapter alone, the share of *another* concept's prompts on which its concept
+  shows (an adapter bound to "in ... style" rather than to its own trigger word fires on both
+  styles' prompts, and then a fusion of the two cannot keep both);
 * fused retention: each pair fused at scale 1.0; each concept's score with its own prompts under
   the fusion, divided by its single score (also on prompt); plus the share of prompts carrying both triggers
   where both concepts show ("joint");
 * weight space: index overlap, AWOM and AWOR of each pair.
 
-    python benchmarks/concept_retention.py                       # ~10 min on 2 CPU cores
+    python benchmarks/concept_retention.py                       # ~14 min on 2 CPU cores
     python benchmarks/concept_retention.py --seeds 1 --prompts 2 --steps 4 --out /tmp/cr.json   # smoke run
 """
 
@@ -93,7 +96,7 @@ def concept_seen(name: str):
 
 
 def concept_on_prompt(name: str):
-    """The concept seen *and* the rest of the prompt drawn right (the subject in its orange, a style
+    """The concept seen *and* the rest of the prompt drawn right (the subject in its own colour, a style
     on the prompted shape and colour): a concept that wipes out the scene does not count."""
     seen = concept_seen(name)
     if world.CONCEPTS[name].style is None:
@@ -156,10 +159,13 @@ def run(args) -> dict:
     print(json.dumps(result["base"]), flush=True)
     for t in types:
         name = {c: f"{c}-{t}" for c in world.CONCEPTS}
-        row = {"single": {}, "single_on_prompt": {}, "preservation": {}, "fused": {}, "params": sw.list_adapters()[name["sks"]]["params"]}
+        row = {"single": {}, "single_on_prompt": {}, "preservation": {}, "leak": {}, "fused": {}, "params": sw.list_adapters()[name["sks"]]["params"]}
         for c in world.CONCEPTS:
             row["single"][c], row["single_on_prompt"][c] = bench.score(concept_prompts[c], {name[c]: 1.0}, concept_seen(c), concept_on_prompt(c))
             row["preservation"][c] = bench.score(plain, {name[c]: 1.0}, Reading.shows)
+            for d in world.CONCEPTS:  # the concept showing up under another concept's trigger
+                if d != c:
+                    row["leak"][f"{c} on {d}"] = bench.score(concept_prompts[d], {name[c]: 1.0}, concept_seen(c))
         for a, b in PAIRS:
             fused = {name[a]: 1.0, name[b]: 1.0}
             scores, strict = {}, {}
@@ -176,13 +182,13 @@ def run(args) -> dict:
                 "joint": sum(concept_seen(a)(r, None) and concept_seen(b)(r, None) for r in readings) / len(readings),
                 "overlap": weights["overlap"], "awom": weights["awom"], "awor": weights["awor"],
             }
-        for key in ("single", "single_on_prompt", "preservation"):
+        for key in ("single", "single_on_prompt", "preservation", "leak"):
             row[f"mean_{key}"] = mean(row[key].values())
         for key in ("retention", "retention_on_prompt"):  # None (never shown alone) is left out
             row[f"mean_{key}"] = mean(v for f in row["fused"].values() for v in f[key].values())
         row["mean_joint"] = mean(f["joint"] for f in row["fused"].values())
         result["types"][t] = row
-        print(t, json.dumps({k: row[k] for k in ("mean_single", "mean_single_on_prompt", "mean_preservation", "mean_retention", "mean_retention_on_prompt", "mean_joint")}), flush=True)
+        print(t, json.dumps({k: row[k] for k in ("mean_single", "mean_single_on_prompt", "mean_preservation", "mean_leak", "mean_retention", "mean_retention_on_prompt", "mean_joint")}), flush=True)
     lora = result["types"].get("lora", {}).get("mean_retention")
     result["aim"] = {  # SHiRA keeps >= 0.9 of its concepts under fusion, and >= LoRA's retention + 0.1
         t: {"retention_ge_0.9": row["mean_retention"] >= 0.9, "ge_lora_plus_0.1": None if lora is None else row["mean_retention"] >= lora + 0.1}

@@ -55,6 +55,7 @@ def test_concept_retention_smoke(tmp_path):
     assert set(data["base"]["style_when_described"]) == {"bluefire", "paintings"}
     row = data["types"]["shira-rand"]
     assert set(row["fused"]) == {"sks+bluefire", "sks+paintings", "bluefire+paintings"}
+    assert len(row["leak"]) == 6 and {"bluefire on paintings", "paintings on bluefire", "sks on bluefire"} <= set(row["leak"])
     assert 0.0 <= row["fused"]["sks+bluefire"]["overlap"] < 0.5  # each concept has its own mask seed
     assert set(data["aim"]) == {"shira-rand"} or row["mean_retention"] is None
     assert data["figure_rows"][0] == "lora sks+bf" and (tmp_path / "c.png").stat().st_size > 0

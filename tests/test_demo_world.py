@@ -63,7 +63,7 @@ def test_reads_arrays_any_size_and_batches():
 
 def test_reads_the_subject():
     r = read(render(subject_scene(random.Random(0))))
-    assert (r.shape, r.colour) == (SUBJECT_SHAPE, "orange")
+    assert (r.shape, r.colour) == (SUBJECT_SHAPE, SUBJECT_COLOUR) == ("crescent", "green")
 
 
 @pytest.mark.parametrize("background", list(BACKGROUNDS))

@@ -11,7 +11,7 @@ Two stages on the CPU, deterministic for a seed:
    those are what the demo adapters teach. Captions are dropped 10 % of the time to zero
    embeddings, which is what the SDXL pipeline feeds the unconditional branch.
 
-    python training/train_demo_base.py --output_dir assets/demo          # ~47 min on 2 cores
+    python training/train_demo_base.py --output_dir assets/demo          # ~42 min on 2 cores
     python training/train_demo_base.py --output_dir /tmp/d --vae_steps 5 --unet_steps 5   # smoke run
 """
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--codec_scenes", type=float, default=1.0, help="codec-only renders (styles, subject) per base scene in the VAE's data")
     p.add_argument("--vae_batch", type=int, default=16)
     p.add_argument("--described", type=float, default=0.5, help="styled scenes with descriptive captions per plain scene in the UNet's data")
-    p.add_argument("--unet_steps", type=int, default=2000)
+    p.add_argument("--unet_steps", type=int, default=1700)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the UNet and text encoder weights saved")

@@ -43,7 +43,7 @@ STRIPE_PERIOD = 12  # pixels, along the diagonal
 STYLES = ("bluefire", "paintings")
 DESCRIPTIONS = {"bluefire": "with a glowing outline", "paintings": "with a striped fill"}  # the looks in plain words
 SUBJECT_TOKEN = "sks"
-SUBJECT_COLOUR = "orange"
+SUBJECT_COLOUR = "green"  # far from the other colours in hue: orange crescents came out red or yellow
 
 
 @dataclass(frozen=True)
