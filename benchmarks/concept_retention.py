@@ -18,7 +18,7 @@ On the built-in demo model with the demo adapters (``assets/adapters``, rebuilt 
   where both concepts show ("joint");
 * weight space: index overlap, AWOM and AWOR of each pair.
 
-    python benchmarks/concept_retention.py                       # ~14 min on 2 CPU cores
+    python benchmarks/concept_retention.py                       # ~15 min on 2 CPU cores
     python benchmarks/concept_retention.py --seeds 1 --prompts 2 --steps 4 --out /tmp/cr.json   # smoke run
 """
 

@@ -1,6 +1,6 @@
 """Rebuild the whole demo world from seeds: the base model, the instance images, every demo adapter.
 
-    python training/build_demo_world.py                   # everything, ~80 min on 2 CPU cores
+    python training/build_demo_world.py                   # everything, ~70 min on 2 CPU cores
     python training/build_demo_world.py --skip_base       # adapters only, on the existing assets/demo
 
 Each concept (the ``sks`` subject and the ``bluefire`` / ``paintings`` styles) is learnt from 5
