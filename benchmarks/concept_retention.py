@@ -96,11 +96,9 @@ def concept_seen(name: str):
 
 
 def concept_on_prompt(name: str):
-    """The concept seen *and* the rest of the prompt drawn right (the subject in its own colour, a style
-    on the prompted shape and colour): a concept that wipes out the scene does not count."""
+    """The concept seen *and* the prompted shape in its colour (for the subject: the crescent in
+    its own colour; for a style: the prompted shape and colour): wiping out the scene does not count."""
     seen = concept_seen(name)
-    if world.CONCEPTS[name].style is None:
-        return lambda r, s: seen(r, s) and r.colour == world.SUBJECT_COLOUR
     return lambda r, s: seen(r, s) and r.shows(s)
 
 
