@@ -34,6 +34,13 @@ def load_pipeline(model: str, device: str | None = None, dtype: str = "auto"):
     return pipe, {DEMO: DEMO_LABEL, TINY: TINY_LABEL}.get(model, f"SDXL pipeline: `{model}`")
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table whose cells may hold ``|`` (adapter names come from file names)."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("\\", "\\\\").replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(headers), "|" + "---|" * len(headers), *map(line, rows)])
+
+
 class Studio:
     """What the page does, without the page: testable directly."""
 
@@ -102,16 +109,15 @@ class Studio:
         lines = [f"Columns: {' | '.join(details['columns'])}"]
         if "image_retention" in details:
             lines.append("\n**Image space** (retention: 1 = the fusion keeps the adapter's look, 0 = lost as far as the base)\n")
-            lines.append("| adapter | retention | fused vs alone | base vs alone |\n|---|---|---|---|")
-            for name, value in details["image_retention"].items():
-                d = details["image_distance"][name]
-                lines.append(f"| {name} | {value:.3f} | {d['fused_vs_alone']:.4f} | {d['base_vs_alone']:.4f} |")
-            for name, value in details.get("lora_image_retention", {}).items():
-                lines.append(f"| {name} (LoRA) | {value:.3f} | | |")
+            rows = [[name, f"{value:.3f}", f"{details['image_distance'][name]['fused_vs_alone']:.4f}",
+                     f"{details['image_distance'][name]['base_vs_alone']:.4f}"] for name, value in details["image_retention"].items()]
+            rows += [[f"{name} (LoRA)", f"{value:.3f}", "", ""] for name, value in details.get("lora_image_retention", {}).items()]
+            lines.append(markdown_table(["adapter", "retention", "fused vs alone", "base vs alone"], rows))
         if details.get("weight_space"):
-            lines.append("\n**Weight space**\n\n| pair | index overlap | AWOM | AWOR |\n|---|---|---|---|")
-            for pair, m in details["weight_space"].items():
-                lines.append(f"| {pair} | {m['overlap']:.4%} | {m['awom']:.4g} | {m['awor']:.4f} |")
+            lines.append("\n**Weight space**\n")
+            rows = [[f"{a} + {b}", f"{m['overlap']:.4%}", f"{m['awom']:.4g}", f"{m['awor']:.4f}"]
+                    for (a, b), m in details["weight_space"].items()]
+            lines.append(markdown_table(["pair", "index overlap", "AWOM", "AWOR"], rows))
         out = Path(tempfile.mkdtemp(prefix="shira_compare_")) / "compare.png"
         grid.save(out)
         return grid, "\n".join(lines), str(out)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from shira_diffusion import ShiraPipelineSwitcher  # noqa: E402
 from shira_diffusion.demo import world  # noqa: E402
 from shira_diffusion.demo.detect import Reading, read_many  # noqa: E402
-from shira_diffusion.demo.model import ADAPTERS_DIR  # noqa: E402
+from shira_diffusion.demo.model import ADAPTERS_DIR, recorded_config  # noqa: E402
 from shira_diffusion.metrics import interference  # noqa: E402
 
 TYPES = ("lora", "shira-struct", "shira-rand", "shira-wm", "shira-grad", "shira-snip")
@@ -142,7 +142,7 @@ def run(args) -> dict:
     base_scenes = world.plain_prompts(args.base_prompts, seed=3)
     both, shape, colour = bench.score(base_scenes, None, Reading.shows, lambda r, s: r.shape == s.shape, lambda r, s: r.colour == s.colour)
     result = {
-        "config": {k: str(v) for k, v in vars(args).items()},
+        "config": recorded_config(args),
         "base": {
             "prompted_shape_and_colour": both,
             "prompted_shape": shape,

@@ -123,6 +123,21 @@ def module_patterns(keys: Iterable[str]) -> dict[str, list[str]]:
     return {c: sorted(v) for c, v in sorted(found.items())}
 
 
+def portable_model_id(source: str | os.PathLike | None) -> str | None:
+    """What a file records as its base model: ``demo``, a hub id, or a local folder's (or file's)
+    name; never a local absolute path, which names nothing on another machine (the fingerprint
+    identifies the weights)."""
+    if source is None:
+        return None
+    path = Path(str(source)).expanduser()
+    if not path.is_absolute() and not path.exists():
+        return str(source)  # a hub id ("org/name") or a name such as "demo"
+    from .demo.model import DEMO_DIR
+
+    path = path.resolve()
+    return "demo" if path == DEMO_DIR.resolve() else path.name
+
+
 def check_file_size(path: Path, max_bytes: int | None) -> None:
     """Refuse files over ``max_bytes`` before reading any of them."""
     if max_bytes is not None and path.stat().st_size > max_bytes:
@@ -248,6 +263,7 @@ class SparseAdapter:
             "mask": None,
             "targets": module_patterns(self.deltas),
             **self.metadata,
+            "base_model": portable_model_id(self.metadata.get("base_model")),
             "fingerprint": fingerprint({k: d.shape for k, d in self.deltas.items()}),
             "num_params": self.num_params,
             "density": self.density,

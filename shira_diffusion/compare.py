@@ -88,7 +88,7 @@ def _details(sw, adapters, columns, per_seed, lora_pair) -> dict:
         kinds = sw.list_adapters()
         sparse = [n for n in adapters if kinds[n]["kind"] == "shira"]
         details["weight_space"] = {
-            f"{a}|{b}": interference(sw.get_adapter(a), sw.get_adapter(b))["aggregate"]
+            (a, b): interference(sw.get_adapter(a), sw.get_adapter(b))["aggregate"]
             for i, a in enumerate(sparse) for b in sparse[i + 1 :]
         }
     if lora_pair and len(lora_pair) > 1:

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapter import AdapterError, SparseAdapter, SparseDelta, check_file_size, split_key
+from .adapter import AdapterError, SparseAdapter, SparseDelta, check_file_size, portable_model_id, split_key
 from .lora import LoraAdapter, LoraDelta
 from .masks import budget
 from .targets import pipeline_components
@@ -134,7 +134,7 @@ def write_peft_shira(adapter: SparseAdapter, path: str | os.PathLike, component:
         "fan_in_fan_out": False,
         "init_weights": True,
         "modules_to_save": None,
-        "base_model_name_or_path": adapter.metadata.get("base_model"),
+        "base_model_name_or_path": portable_model_id(adapter.metadata.get("base_model")),
         "revision": None,
         "task_type": None,
         "inference_mode": True,

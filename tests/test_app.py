@@ -109,14 +109,45 @@ def test_library_rows_and_remove(studio, tmp_path):
     assert studio.library_rows() == []
 
 
+def parse_tables(markdown: str) -> list[list[dict[str, str]]]:
+    """Each markdown table as a list of ``{header: cell}``, splitting on unescaped ``|`` as renderers do."""
+    import re
+
+    tables, current = [], None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if current is None:
+            current = {"headers": cells, "rows": []}
+            tables.append(current)
+        elif not all(set(c) <= {"-", ":"} for c in cells):
+            assert len(cells) == len(current["headers"]), line
+            current["rows"].append(dict(zip(current["headers"], cells)))
+    return [t["rows"] for t in tables]
+
+
 def test_compare_report_and_download(studio, tmp_path):
     weights = find_targets(studio.pipe)
     random_adapter(weights, density=0.05, seed=1, std=0.3).save(tmp_path / "a.safetensors")
     random_adapter(weights, density=0.05, seed=2, std=0.3).save(tmp_path / "b.safetensors")
-    studio.scan(tmp_path)
-    grid, report, path = studio.compare("a fox", ["a", "b"], [], "0 1", 2, 5.0)
+    studio.add(tmp_path / "a.safetensors")
+    studio.add(tmp_path / "b.safetensors", "b|c")  # a name with the table's own separator in it
+    grid, report, path = studio.compare("a fox", ["a", "b|c"], [], "0 1", 2, 5.0)
     assert grid.size == (4 * 64, 2 * 82)
-    assert "Columns: base | a | b | a+b" in report and "| a | " in report and "| a|b | " in report
+    assert "Columns: base | a | b|c | a+b|c" in report
+    _, details = studio.switcher.compare("a fox", ["a", "b|c"], seeds=[0, 1], num_inference_steps=2, guidance_scale=5.0,
+                                         return_details=True)
+    image, weight = parse_tables(report)
+    assert [row["adapter"] for row in image] == ["a", "b|c"]
+    for row in image:
+        name = row["adapter"]
+        assert row["retention"] == f"{details['image_retention'][name]:.3f}"
+        assert row["fused vs alone"] == f"{details['image_distance'][name]['fused_vs_alone']:.4f}"
+        assert row["base vs alone"] == f"{details['image_distance'][name]['base_vs_alone']:.4f}"
+    m = details["weight_space"][("a", "b|c")]
+    assert weight == [{"pair": "a + b|c", "index overlap": f"{m['overlap']:.4%}", "AWOM": f"{m['awom']:.4g}", "AWOR": f"{m['awor']:.4f}"}]
     from PIL import Image
 
     assert Image.open(path).size == grid.size

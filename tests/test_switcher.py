@@ -117,7 +117,7 @@ def test_compare_grid_size_labels_and_concept_loss(sw, tmp_path):
     assert grid.size == (4 * 64, 2 * (64 + 18))
     assert set(details["image_retention"]) == {"bluefire", "paintings"}
     assert all(-1.0 <= v <= 1.0 for v in details["image_retention"].values())
-    pair = details["weight_space"]["bluefire|paintings"]
+    pair = details["weight_space"][("bluefire", "paintings")]
     assert 0.0 <= pair["overlap"] <= 1.0 and pair["weights_shared"] > 0
     assert sw.get_active_adapters() == ["bluefire", "paintings"]
     grid.save(tmp_path / "grid.png")

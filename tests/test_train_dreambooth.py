@@ -16,6 +16,15 @@ from shira_diffusion.testing import tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_shira_dreambooth.py"
+# `accelerate launch` through this interpreter, never a bare `accelerate` from PATH
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def env_without_venv_on_path(**extra) -> dict:
+    """The environment of a user who ran ``.venv/bin/python -m pytest`` without activating the venv."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir)
+    return {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", **extra}
 
 
 def _load_script():
@@ -80,16 +89,16 @@ def render(pipe_dir, adapter=None):
 
 def test_documented_accelerate_command_trains_and_writes_a_loadable_adapter(world, tmp_path):
     out = tmp_path / "out"
-    cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(SCRIPT), *base_args(world, out, "--mask", "rand", "--gradient_checkpointing")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    env = env_without_venv_on_path(ACCELERATE_USE_CPU="1")
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "skipped 1 unreadable image(s)" in run.stderr
     adapter = SparseAdapter.load(out / "shira_adapter.safetensors")
     targets = find_targets(tiny_sdxl_pipeline())
     assert set(adapter.deltas) == set(targets)
-    assert adapter.metadata["mask"] == "rand" and adapter.metadata["base_model"] == str(world / "model")
+    assert adapter.metadata["mask"] == "rand" and adapter.metadata["base_model"] == "model"  # the folder's name, not this machine's path
     assert all(d.nnz == round(0.05 * d.numel) for d in adapter.deltas.values())
     assert sum(int(torch.count_nonzero(d.values)) for d in adapter.deltas.values()) > 0.5 * adapter.num_params
     summary = json.loads((out / "training_summary.json").read_text())
@@ -241,10 +250,10 @@ def test_missing_optional_optimizers_say_how_to_install(monkeypatch):
 
 def test_two_process_ddp_run_matches_the_adapter_format(world, tmp_path):
     out = tmp_path / "ddp"
-    cmd = ["accelerate", "launch", "--multi_gpu" if torch.cuda.device_count() > 1 else "--cpu", "--num_processes", "2",
+    cmd = [*ACCELERATE, "--multi_gpu" if torch.cuda.device_count() > 1 else "--cpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
            *base_args(world, out, "--train_batch_size", "1", "--max_train_steps", "2")]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env_without_venv_on_path(), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     adapter = SparseAdapter.load(out / "shira_adapter.safetensors")
     assert sum(int(torch.count_nonzero(d.values)) for d in adapter.deltas.values()) > 0

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from shira_diffusion.demo import world  # noqa: E402
-from shira_diffusion.demo.model import demo_components  # noqa: E402
+from shira_diffusion.demo.model import demo_components, recorded_config  # noqa: E402
 from train_shira_dreambooth import encode_prompts  # noqa: E402  (the conditioning adapters train on)
 
 TIME_IDS = (world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE)
@@ -214,7 +214,7 @@ def main(argv=None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     pipe.to(torch.float16 if args.save_dtype == "fp16" else torch.float32).save_pretrained(args.output_dir, safe_serialization=True)
     summary = {"seconds": round(time.perf_counter() - start, 1), "scaling_factor": scale, "vae_codec_check": fidelity, "images": len(scenes), **stats,
-               "args": {k: str(v) for k, v in vars(args).items()}}
+               "args": recorded_config(args)}
     (args.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

@@ -20,6 +20,19 @@ DEMO_DIR = ASSETS / "demo"
 ADAPTERS_DIR = ASSETS / "adapters"
 REBUILD = "python training/build_demo_world.py"
 
+
+def recorded_config(args) -> dict[str, str]:
+    """A script's arguments as its JSON records them: paths inside the checkout relative to it,
+    so a shipped record names no machine's folders."""
+    root = ASSETS.parent.resolve()
+
+    def text(value):
+        if isinstance(value, Path) and value.resolve().is_relative_to(root):
+            return str(value.resolve().relative_to(root))
+        return str(value)
+
+    return {k: text(v) for k, v in vars(args).items()}
+
 TEXT_DIM = 64
 UNET = dict(
     sample_size=16,
