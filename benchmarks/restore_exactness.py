@@ -19,8 +19,8 @@ import torch
 
 from shira_diffusion import ShiraEngine, find_targets
 from shira_diffusion.testing import random_adapter, reference_weights, tiny_sdxl_unet
+from shira_diffusion.dtypes import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def soak(dtype: torch.dtype, cycles: int, adapters_n: int, density: float, seed: int, check_every: int) -> dict:

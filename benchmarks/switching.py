@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from common import bar_chart, clock, median  # benchmarks/ is on the path when run as a script
 from shira_diffusion import ShiraEngine, SparseAdapter, budget, find_targets
 from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
+from shira_diffusion.dtypes import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def drift(unet, base: dict) -> dict:

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from shira_diffusion.dtypes import DTYPES
+
 METHODS = ("ours", "peft_lora", "peft_shira")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def peak_bytes(device: str) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from . import index_codec
+from .dtypes import dtype_name
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 FORMAT = "shira"
@@ -207,7 +208,7 @@ class SparseAdapter:
     def summary(self) -> str:
         lines = [
             f"SHiRA adapter: {len(self.deltas)} weights, {self.num_params:,} params, "
-            f"density {self.density:.4%}, dtype {str(self.dtype).replace('torch.', '')}"
+            f"density {self.density:.4%}, dtype {dtype_name(self.dtype)}"
         ]
         for name in ("base_model", "mask"):
             if self.metadata.get(name) is not None:
@@ -267,7 +268,7 @@ class SparseAdapter:
             "fingerprint": fingerprint({k: d.shape for k, d in self.deltas.items()}),
             "num_params": self.num_params,
             "density": self.density,
-            "dtype": str(self.dtype).replace("torch.", "") if self.dtype else "mixed",
+            "dtype": dtype_name(self.dtype),
         }
         header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
         header["shapes"] = json.dumps({k: list(d.shape) for k, d in self.deltas.items()})

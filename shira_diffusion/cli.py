@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .adapter import FORMAT_VERSION, AdapterError, SparseAdapter
-from .interop import load_any
+from .adapter import COMPONENTS, FORMAT_VERSION, AdapterError, SparseAdapter
+from .dtypes import DTYPES, dtype_name
+from .interop import file_kind, load_any, write_peft_folders
+from .lora import LoraAdapter
 
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
+DTYPE_NAMES = tuple(DTYPES)
 
 
 def _pipeline(model: str, device: str | None = None, dtype: str = "auto"):
@@ -30,44 +32,80 @@ def _pipeline(model: str, device: str | None = None, dtype: str = "auto"):
 # ---- commands -------------------------------------------------------------------------------------
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _sparse(path: str, command: str) -> SparseAdapter:
+    """A SHiRA file for commands that only read those, with a hint for the other kinds."""
+    kind = file_kind(path)
+    if kind == "other":
+        raise AdapterError(f"{path}: not a SHiRA adapter (a LoRA file?); {command} reads SHiRA files; "
+                           "`shira convert lora2shira` turns a LoRA into one")
+    if kind == "peft":
+        raise AdapterError(f"{path}: a PEFT folder; {command} reads SHiRA files; `shira convert peft2shira` turns it into one")
+    return SparseAdapter.load(path)
+
+
 def cmd_inspect(args) -> None:
     path = Path(args.file)
     adapter = load_any(path, _pipeline(args.model) if args.model else None)
-    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir())
-    meta = adapter.metadata
-    lines = [
-        f"file:        {path} ({size:,} bytes)",
-        f"format:      {'PEFT SHiRA folder' if path.is_dir() else f'SHiRA safetensors, version {FORMAT_VERSION}'}",
-        f"base model:  {meta.get('base_model')}",
-        f"fingerprint: {meta.get('fingerprint') or '-'}",
-        f"mask:        {meta.get('mask')}",
-        f"params:      {adapter.num_params:,} in {len(adapter.deltas)} weights (density {adapter.density:.4%})",
-        f"dtype:       {str(adapter.dtype).replace('torch.', '')}",
-    ]
-    for component, (weights, nnz, numel) in adapter.by_component().items():
-        lines.append(f"  {component:15s} {weights:4d} weights {nnz:>14,} params  density {nnz / numel:.4%}")
+    lines = [f"file:        {path} ({_size(path):,} bytes)"]
+    if isinstance(adapter, LoraAdapter):
+        ranks = sorted({d.rank for d in adapter.deltas.values()})
+        dtypes = sorted({dtype_name(d.up.dtype) for d in adapter.deltas.values()})
+        lines += [
+            f"format:      LoRA safetensors, read for {args.model}",
+            f"params:      {adapter.num_params:,} in {len(adapter.deltas)} weights (rank {'/'.join(map(str, ranks))}; "
+            f"changes {sum(d.nnz for d in adapter.deltas.values()):,} entries)",
+            f"dtype:       {'/'.join(dtypes)}",
+        ]
+        for component in adapter.components:
+            deltas = [d for k, d in adapter.deltas.items() if k.startswith(component + ".")]
+            lines.append(f"  {component:15s} {len(deltas):4d} weights {sum(d.num_params for d in deltas):>14,} params")
+    else:
+        meta = adapter.metadata
+        lines += [
+            f"format:      {'PEFT SHiRA folder' if path.is_dir() else f'SHiRA safetensors, version {FORMAT_VERSION}'}",
+            f"base model:  {meta.get('base_model')}",
+            f"fingerprint: {meta.get('fingerprint') or '-'}",
+            f"mask:        {meta.get('mask')}",
+            f"params:      {adapter.num_params:,} in {len(adapter.deltas)} weights (density {adapter.density:.4%})",
+            f"dtype:       {dtype_name(adapter.dtype)}",
+        ]
+        for component, (weights, nnz, numel) in adapter.by_component().items():
+            lines.append(f"  {component:15s} {weights:4d} weights {nnz:>14,} params  density {nnz / numel:.4%}")
     print("\n".join(lines))
 
 
 def cmd_convert(args) -> None:
-    import torch
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    dtype = DTYPES.get(args.dtype)
     out = Path(args.output)
+    kind = file_kind(args.input)
     if args.kind == "peft2shira":
+        if kind != "peft":
+            raise AdapterError(f"{args.input}: peft2shira reads a PEFT SHiRA folder" + (", this is a SHiRA file already" if kind == "shira" else ""))
         pipe = _pipeline(args.model) if args.model else None
-        adapter = load_any(args.input, pipe, component=args.component)
-        if not Path(args.input).is_dir():
-            raise AdapterError(f"{args.input}: peft2shira reads a PEFT SHiRA folder")
-        print(f"wrote {adapter.save(out, dtype=dtype)} ({adapter.num_params:,} params)")
+        adapter = load_any(args.input, pipe, component=args.component or "unet")
+        print(f"wrote {adapter.save(out, dtype=dtype)} ({adapter.num_params:,} params in {', '.join(adapter.components)})")
     elif args.kind == "shira2peft":
-        adapter = SparseAdapter.load(args.input)
+        adapter = _sparse(args.input, "shira2peft")
         if dtype is not None:
             adapter = adapter.to(dtype=dtype)
-        print(f"wrote {adapter.to_peft(out, component=args.component)}")
+        if args.component and args.component not in adapter.components:
+            raise AdapterError(f"{args.input}: has no {args.component!r} weights (it has {', '.join(adapter.components)})")
+        written = write_peft_folders(adapter, out, [args.component] if args.component else None)
+        for component, folder in written.items():
+            print(f"wrote {folder} ({component})")
+        for component in (c for c in adapter.components if c not in written):
+            n = sum(1 for k in adapter.deltas if k.startswith(component + "."))
+            print(f"not written: {component} ({n} weights); a PEFT folder holds one model, omit --component to write every one")
     else:
         from .interop import lora_to_shira, read_lora
 
+        if kind in ("shira", "peft"):
+            what = "already a SHiRA adapter" if kind == "shira" else "a PEFT SHiRA folder (`shira convert peft2shira` reads it)"
+            raise AdapterError(f"{args.input}: {what}; lora2shira reads LoRA files")
         if not args.model:
             raise AdapterError("lora2shira needs --model (the SDXL pipeline the LoRA was made for) to read the file")
         if (args.density is None) == (args.lora_equivalent_rank is None):
@@ -84,7 +122,7 @@ def cmd_convert(args) -> None:
 def cmd_diff(args) -> None:
     from .metrics import interference
 
-    a, b = SparseAdapter.load(args.a), SparseAdapter.load(args.b)
+    a, b = _sparse(args.a, "diff"), _sparse(args.b, "diff")
     result = interference(a, b)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -143,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["peft2shira", "shira2peft", "lora2shira"])
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--component", default="unet", choices=["unet", "text_encoder", "text_encoder_2"], help="PEFT side's component")
+    p.add_argument("--component", default=None, choices=COMPONENTS,
+                   help="shira2peft: write only this component (default: every one; several go to OUTPUT/<component>/); "
+                        "peft2shira: the component a single PEFT folder adapts (default unet; a folder of per-component folders needs none)")
     p.add_argument("--model", default=None, help="pipeline (hub id, folder, single file, 'demo'): needed by lora2shira, "
                    "and by peft2shira when shapes cannot be inferred")
     budget = p.add_mutually_exclusive_group()

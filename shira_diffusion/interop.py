@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapter import AdapterError, SparseAdapter, SparseDelta, check_file_size, portable_model_id, split_key
+from .adapter import COMPONENTS, AdapterError, SparseAdapter, SparseDelta, check_file_size, portable_model_id, split_key
 from .lora import LoraAdapter, LoraDelta
 from .masks import budget
 from .targets import pipeline_components
@@ -100,7 +100,7 @@ def _infer_shape(key: str, pairs: torch.Tensor, n: int, r: Any) -> tuple[int, in
     rows, cols = int(pairs[0].max()) + 1, int(pairs[1].max()) + 1
     if isinstance(r, int) and r > 0 and n == r * (rows + cols):
         return rows, cols
-    raise AdapterError(f"{key}: cannot tell the weight's shape from the file; pass the model (model=...)")
+    raise AdapterError(f"{key}: cannot tell the weight's shape from the file; pass the model (--model, or model=...)")
 
 
 def write_peft_shira(adapter: SparseAdapter, path: str | os.PathLike, component: str = "unet") -> Path:
@@ -238,27 +238,62 @@ def lora_to_shira(lora: LoraAdapter, density: float | None = None, rank: int | N
 # ---- any adapter --------------------------------------------------------------------------------
 
 
+def write_peft_folders(adapter: SparseAdapter, path: str | os.PathLike, components: list[str] | None = None) -> dict[str, Path]:
+    """``components`` (default: all the adapter has) as PEFT SHiRA folders: ``path`` itself for one
+    component, ``path/<component>/`` each for several (diffusers' pipeline layout)."""
+    components = components or adapter.components
+    folder = Path(path)
+    if len(components) == 1:
+        return {components[0]: write_peft_shira(adapter, folder, components[0])}
+    return {c: write_peft_shira(adapter, folder / c, c) for c in components}
+
+
+def read_peft_folders(path: str | os.PathLike, pipe: Any = None, component: str = "unet") -> SparseAdapter:
+    """A PEFT SHiRA folder (as ``component``) or a folder of per-component ones (``unet/``,
+    ``text_encoder/``, ``text_encoder_2/``, as :func:`write_peft_folders` writes) as one adapter."""
+    folder = Path(path)
+    model = lambda c: getattr(pipe, c, None) if pipe is not None else None  # noqa: E731
+    if (folder / PEFT_CONFIG).is_file():
+        return read_peft_shira(folder, component, model(component))
+    parts = [c for c in COMPONENTS if (folder / c / PEFT_CONFIG).is_file()]
+    if not parts:
+        raise AdapterError(f"{folder}: no {PEFT_CONFIG} (nor {', '.join(c + '/' for c in COMPONENTS)} with one); not a PEFT adapter folder")
+    read = [read_peft_shira(folder / c, c, model(c)) for c in parts]
+    return SparseAdapter({k: d for a in read for k, d in a.deltas.items()}, read[0].metadata)
+
+
 def load_any(path: str | os.PathLike, pipe: Any = None, component: str = "unet", max_bytes: int | None = None):
     """A SHiRA file, a PEFT SHiRA folder, or (given ``pipe``) a LoRA file, told apart by content."""
     path = Path(path)
     if path.is_dir():
-        model = getattr(pipe, component, None) if pipe is not None else None
-        return SparseAdapter.from_peft(path, component=component, model=model)
+        return read_peft_folders(path, pipe, component)
     if not path.is_file():
         raise AdapterError(f"{path}: no such file")
     check_file_size(path, max_bytes)
-    if _is_shira_file(path):
+    if _header_format(path) in ("shira", None):  # a broken file: the SHiRA loader says what is wrong
         return SparseAdapter.load(path)
     if pipe is None:
         raise AdapterError(f"{path}: not a SHiRA adapter; LoRA files need the model (--model) to be read")
     return read_lora(path, pipe)
 
 
-def _is_shira_file(path: Path) -> bool:
+def file_kind(path: str | os.PathLike) -> str:
+    """``shira``, ``peft`` (a folder), ``unreadable`` (no safetensors file) or ``other`` (a LoRA
+    file, or some other safetensors file), from the header alone."""
+    path = Path(path)
+    if path.is_dir():
+        return "peft"
+    fmt = _header_format(path) if path.is_file() else None
+    return "unreadable" if fmt is None else "shira" if fmt == "shira" else "other"
+
+
+def _header_format(path: Path) -> str | None:
+    """The safetensors header's ``format`` (``shira``, ``pt``, ...; ``""`` if none); None for a
+    file that is no safetensors at all."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == "shira"
-    except Exception:  # not a safetensors file at all: let SparseAdapter.load say so
-        return True
+            return (f.metadata() or {}).get("format", "")
+    except Exception:  # the parser's own error types vary
+        return None

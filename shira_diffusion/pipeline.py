@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .dtypes import DTYPES, dtype_name
+
+
+class _TorchvisionNotice(logging.Filter):
+    """Drops transformers' notice that its image processors fall back to PIL without torchvision:
+    SDXL pipelines hold one only as an optional watermark/safety feature extractor, never used here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionNotice())
+
 DEMO = "demo"  # the trained demo model in assets/demo
 TINY = "tiny"  # a tiny random-weight pipeline built in memory (tests, smoke runs)
 
@@ -22,6 +35,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype in DTYPES:
         return DTYPES[dtype]
     return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The loader keyword for a dtype: ``dtype`` where diffusers has it (it warns on the older
+    ``torch_dtype``), ``torch_dtype`` on diffusers that predate it."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present since the rename)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str | torch.dtype | None = "auto"):
@@ -44,9 +67,9 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | torch.dtyp
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise ValueError("single-file checkpoints must be .safetensors (pickled .ckpt files are refused)")
-            pipe = StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=torch_dtype)
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path), **dtype_kwargs(torch_dtype))
         else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True)
+            pipe = StableDiffusionXLPipeline.from_pretrained(model, use_safetensors=True, **dtype_kwargs(torch_dtype))
     pipe = pipe.to(device)
     return pipe if pipe.unet.dtype == torch_dtype else pipe.to(torch_dtype)  # .to(dtype) warns needlessly
 
@@ -79,7 +102,7 @@ class ShiraPipelineSwitcher:
 
             device = device or default_device()
             dtype = resolve_dtype(torch_dtype, device)
-            return cls(StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype, **kwargs).to(device))
+            return cls(StableDiffusionXLPipeline.from_pretrained(model, **dtype_kwargs(dtype), **kwargs).to(device))
         return cls(load_pipeline(model, device=device, dtype=torch_dtype or "auto"))
 
     @classmethod
@@ -143,9 +166,9 @@ class ShiraPipelineSwitcher:
         }
         if isinstance(adapter, SparseAdapter):
             info.update(mask=adapter.metadata.get("mask"), density=adapter.density,
-                        dtype=str(adapter.dtype).replace("torch.", ""), base_model=adapter.metadata.get("base_model"))
+                        dtype=dtype_name(adapter.dtype), base_model=adapter.metadata.get("base_model"))
         else:
-            info.update(mask="lora", density=None, dtype=str(next(iter(adapter.deltas.values())).up.dtype).replace("torch.", ""),
+            info.update(mask="lora", density=None, dtype=dtype_name(next(iter(adapter.deltas.values())).up.dtype),
                         base_model=None, rank=max(d.rank for d in adapter.deltas.values()))
         return info
 

@@ -238,3 +238,27 @@ def reference_weights(base: dict[str, torch.Tensor], adapters: dict, scales: dic
         expect[touched] = (flat.float() + total)[touched].to(w.dtype)
         out[key] = expect.view(w.shape)
     return out
+
+
+KOHYA_TINY_LAYERS = (  # (kohya prefix, rows, cols) of weights the tiny pipeline has, in all three components
+    ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64),
+    ("lora_unet_up_blocks_0_attentions_1_transformer_blocks_1_attn2_to_k", 64, 64),
+    ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32, 32),
+    ("lora_te1_text_model_encoder_layers_0_self_attn_out_proj", 32, 32),
+    ("lora_te2_text_model_encoder_layers_1_self_attn_v_proj", 32, 32),
+    ("lora_te2_text_model_encoder_layers_1_self_attn_out_proj", 32, 32),
+)  # diffusers infers the text-encoder key style from the out_proj entries real kohya files have
+
+
+def kohya_lora_file(path, seed: int = 0, rank: int = 4, alpha: float = 2.0, std: float = 0.1, layers=KOHYA_TINY_LAYERS):
+    """A kohya/A1111-style LoRA file (``lora_unet_*``, ``lora_te1_*``, ``lora_te2_*`` with ``alpha``) for the tiny pipeline."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, rows, cols in layers:
+        tensors[f"{prefix}.lora_down.weight"] = torch.randn(rank, cols, generator=g) * std
+        tensors[f"{prefix}.lora_up.weight"] = torch.randn(rows, rank, generator=g) * std
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(path))
+    return path

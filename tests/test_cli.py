@@ -93,3 +93,88 @@ def test_merge_bakes_adapters_into_a_saved_pipeline(two_adapters, tmp_path, caps
     assert main(["merge", "--model", "tiny", "--adapter", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ---- every subcommand with every kind of input: a result or one clear line, never a traceback ----
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from shira_diffusion.testing import kohya_lora_file
+
+    root = tmp_path_factory.mktemp("kinds")
+    weights = find_targets(tiny_sdxl_pipeline(seed=0), ["unet", "text_encoder", "text_encoder_2"])
+    shira = random_adapter(weights, "rand", density=0.05, seed=1, std=0.3).save(root / "shira.safetensors")
+    peft = SparseAdapter.load(shira).to_peft(root / "peft", component="unet")
+    (root / "junk.safetensors").write_bytes(b"\x80\x04 not safetensors")
+    return {"shira": shira, "peft": peft, "lora": kohya_lora_file(root / "lora.safetensors"), "junk": root / "junk.safetensors"}
+
+
+COMMANDS = {
+    "inspect": lambda x, out, other: ["inspect", x],
+    "inspect --model": lambda x, out, other: ["inspect", x, "--model", "tiny"],
+    "shira2peft": lambda x, out, other: ["convert", "shira2peft", x, out],
+    "peft2shira": lambda x, out, other: ["convert", "peft2shira", x, out + ".safetensors"],
+    "lora2shira": lambda x, out, other: ["convert", "lora2shira", x, out + ".safetensors", "--model", "tiny", "--density", "0.1"],
+    "diff": lambda x, out, other: ["diff", x, other],
+    "merge": lambda x, out, other: ["merge", "--model", "tiny", "--adapter", x, "--out", out],
+}
+WORKS = {  # (kind, command) pairs that succeed; every other pair is one line on stderr and status 2
+    ("shira", "inspect"), ("shira", "inspect --model"), ("shira", "shira2peft"), ("shira", "diff"), ("shira", "merge"),
+    ("peft", "inspect --model"), ("peft", "merge"),
+    ("lora", "inspect --model"), ("lora", "lora2shira"), ("lora", "merge"),
+}
+HINTS = {  # what the error says for a right file in the wrong command
+    ("lora", "inspect"): "LoRA files need the model (--model)",
+    ("peft", "inspect"): "cannot tell the weight's shape from the file; pass the model (--model",  # a random mask
+    ("peft", "peft2shira"): "cannot tell the weight's shape from the file; pass the model (--model",
+    ("lora", "diff"): "`shira convert lora2shira` turns a LoRA into one",
+    ("lora", "shira2peft"): "`shira convert lora2shira` turns a LoRA into one",
+    ("peft", "diff"): "`shira convert peft2shira` turns it into one",
+    ("shira", "lora2shira"): "already a SHiRA adapter",
+    ("shira", "peft2shira"): "this is a SHiRA file already",
+    ("peft", "lora2shira"): "a PEFT SHiRA folder",
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("kind", ["shira", "peft", "lora", "junk"])
+def test_every_command_with_every_kind_of_input(inputs, tmp_path, capsys, kind, command):
+    argv = COMMANDS[command](str(inputs[kind]), str(tmp_path / "out"), str(inputs["shira"]))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    if (kind, command) in WORKS:
+        assert code == 0, err
+        assert out.strip() and not err.startswith("shira: error")
+    else:
+        assert code == 2 and err.startswith("shira: error: ") and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
+        if (kind, command) in HINTS:
+            assert HINTS[kind, command] in err
+
+
+def test_inspect_a_lora_file_with_its_model(inputs, capsys):
+    assert main(["inspect", str(inputs["lora"]), "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "format:      LoRA safetensors, read for tiny" in out
+    assert "params:      2,048 in 6 weights (rank 4; changes 12,288 entries)" in out
+    assert "  unet               2 weights          1,024 params" in out
+
+
+def test_shira2peft_writes_every_component_and_peft2shira_reads_them_back(inputs, tmp_path, capsys):
+    assert main(["convert", "shira2peft", str(inputs["shira"]), str(tmp_path / "peft")]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["text_encoder", "text_encoder_2", "unet"]
+    assert "not written" not in out
+    assert main(["convert", "peft2shira", str(tmp_path / "peft"), str(tmp_path / "back.safetensors"), "--model", "tiny"]) == 0
+    original, back = SparseAdapter.load(inputs["shira"]), SparseAdapter.load(tmp_path / "back.safetensors")
+    assert back.deltas.keys() == original.deltas.keys()
+    for key, d in original.deltas.items():  # PEFT pads layers with zero-valued entries: the dense deltas agree
+        assert torch.equal(back.deltas[key].to_dense(), d.to_dense()), key
+
+
+def test_shira2peft_of_one_component_says_what_it_left_out(inputs, tmp_path, capsys):
+    assert main(["convert", "shira2peft", str(inputs["shira"]), str(tmp_path / "peft"), "--component", "unet"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert "not written: text_encoder (20 weights)" in out and "not written: text_encoder_2 (20 weights)" in out

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from conftest import snapshot
 from shira_diffusion import AdapterError, LoraAdapter, ShiraEngine, SparseAdapter, find_targets
 from shira_diffusion.interop import lora_to_shira, read_lora
-from shira_diffusion.testing import random_adapter, tiny_sdxl_pipeline, tiny_sdxl_unet
+from shira_diffusion.testing import kohya_lora_file, random_adapter, tiny_sdxl_pipeline, tiny_sdxl_unet
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -136,20 +136,7 @@ def test_diffusers_lora_file_applies_like_fuse_lora(tmp_path):
 
 
 def test_kohya_lora_file_applies_like_fuse_lora(tmp_path):
-    g = torch.Generator().manual_seed(1)
-    tensors = {}
-    for prefix, rows, cols in [
-        ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64),
-        ("lora_unet_up_blocks_0_attentions_1_transformer_blocks_1_attn2_to_k", 64, 64),
-        ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32, 32),
-        ("lora_te1_text_model_encoder_layers_0_self_attn_out_proj", 32, 32),
-        ("lora_te2_text_model_encoder_layers_1_self_attn_v_proj", 32, 32),
-        ("lora_te2_text_model_encoder_layers_1_self_attn_out_proj", 32, 32),
-    ]:  # diffusers infers the text-encoder key style from the out_proj entries real kohya files have
-        tensors[f"{prefix}.lora_down.weight"] = torch.randn(4, cols, generator=g) * 0.1
-        tensors[f"{prefix}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.1
-        tensors[f"{prefix}.alpha"] = torch.tensor(2.0)
-    save_file(tensors, str(tmp_path / "kohya.safetensors"))
+    kohya_lora_file(tmp_path / "kohya.safetensors", seed=1)
     lora = assert_engine_matches(tmp_path / "kohya.safetensors")
     assert set(lora.components) == {"unet", "text_encoder", "text_encoder_2"}
     assert {d.scale for d in lora.deltas.values()} == {0.5}  # alpha / rank

@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dreambooth_data import Example, load_examples  # noqa: E402
 
 from shira_diffusion import MASK_KINDS, budget, calibration_scores, find_targets, make_masks  # noqa: E402
-from shira_diffusion.adapter import COMPONENTS  # noqa: E402
+from shira_diffusion.adapter import COMPONENTS, portable_model_id  # noqa: E402
+from shira_diffusion.dtypes import DTYPES  # noqa: E402
 from shira_diffusion.training import SparseTraining  # noqa: E402
 
 logger = logging.getLogger("train_shira_dreambooth")
 ADAPTER_FILE = "shira_adapter.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -134,8 +134,10 @@ def load_demo_pipeline(torch_dtype: torch.dtype = torch.float32):
     """The trained demo pipeline from ``assets/demo`` (offline)."""
     from diffusers import StableDiffusionXLPipeline
 
+    from ..pipeline import dtype_kwargs
+
     if not (DEMO_DIR / "model_index.json").is_file():
         raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; rebuild it with `{REBUILD}`")
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(DEMO_DIR), torch_dtype=torch_dtype, local_files_only=True, add_watermarker=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(DEMO_DIR), local_files_only=True, add_watermarker=False, **dtype_kwargs(torch_dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe
