@@ -41,6 +41,7 @@ train = _load_script()
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     tiny_sdxl_pipeline(seed=0).save_pretrained(root / "model")
+    tiny_sdxl_pipeline(seed=0).to(torch.float16).save_pretrained(root / "model_fp16")  # as assets/demo and hub SDXL ship
     images = root / "instance"
     images.mkdir()
     for i, colour in enumerate(["red", "blue", "green"]):
@@ -95,6 +96,8 @@ def test_documented_accelerate_command_trains_and_writes_a_loadable_adapter(worl
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "skipped 1 unreadable image(s)" in run.stderr
+    cores = len(os.sched_getaffinity(0))
+    assert f"{cores} CPU thread(s) per process" in run.stderr  # not the 1 thread accelerate launch leaves
     adapter = SparseAdapter.load(out / "shira_adapter.safetensors")
     targets = find_targets(tiny_sdxl_pipeline())
     assert set(adapter.deltas) == set(targets)
@@ -257,3 +260,69 @@ def test_two_process_ddp_run_matches_the_adapter_format(world, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     adapter = SparseAdapter.load(out / "shira_adapter.safetensors")
     assert sum(int(torch.count_nonzero(d.values)) for d in adapter.deltas.values()) > 0
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_validation_on_an_fp16_folder_on_a_cpu(world, tmp_path, precision):
+    """Saved in fp16 (as assets/demo is): validation and class images run in the training dtype, the VAE in fp32."""
+    args = base_args(world, tmp_path, "--pretrained_model_name_or_path", str(world / "model_fp16"), "--max_train_steps", "1",
+                     "--cache_latents", "--validation_prompt", "a sks blob", "--num_validation_images", "1",
+                     "--validation_inference_steps", "2", "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"),
+                     "--class_prompt", "a blob", "--num_class_images", "1")
+    i = args.index("--mixed_precision")
+    args[i + 1] = precision
+    train.main(args)
+    assert [p.name for p in (tmp_path / "validation").glob("*.png")] == ["step-000001-0.png"]
+    assert len(list((tmp_path / "class").glob("*.png"))) == 1
+    assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 1
+
+
+def test_resolution_defaults_to_the_native_size_and_warns_far_from_it(caplog):
+    import logging
+
+    args = train.parse_args(["--pretrained_model_name_or_path", "demo", "--instance_data_dir", "x", "--instance_prompt", "x", "--output_dir", "x"])
+    assert args.resolution is None and Path(args.pretrained_model_name_or_path).name == "demo"
+    with caplog.at_level(logging.INFO, logger="train_shira_dreambooth"):
+        train.check_resolution(args, 64)
+        assert args.resolution == 64 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        args.resolution = 1024
+        train.check_resolution(args, 64)
+    assert "--resolution 1024 is far from the model's native 64 px" in caplog.text
+    components = tiny_sdxl_pipeline().components
+    assert train.native_resolution(components) == 64  # sample_size 32 x VAE downsampling 2
+
+
+def readme_commands(marker: str) -> list[list[str]]:
+    """The commands of the README's fenced block after ``marker``, one argv each."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```bash", text.index(marker)) + len("```bash")
+    block = text[start : text.index("```", start)].replace("\\\n", " ")
+    return [shlex.split(line) for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_documented_demo_recipe_learns_on_the_shipped_fp16_demo(tmp_path):
+    from shira_diffusion import ShiraPipelineSwitcher
+
+    commands = readme_commands("<!-- demo-recipe")
+    assert [c[:3] for c in commands] == [["python", "-m", "shira_diffusion.demo"], ["accelerate", "launch", "training/train_shira_dreambooth.py"]]
+    local = lambda argv: [str(tmp_path / a) if a.startswith(("data/", "out/")) else a for a in argv]  # noqa: E731
+    instances, training = map(local, commands)
+    run = subprocess.run([sys.executable, *instances[1:]], cwd=ROOT, capture_output=True, text=True, env=env_without_venv_on_path(), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert len(list((tmp_path / "data" / "sks").glob("*.png"))) == 5
+    toy = ["--max_train_steps", "20", "--num_validation_images", "1", "--validation_inference_steps", "4"]  # argparse: the last one wins
+    run = subprocess.run([*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", *training[2:], *toy],
+                         cwd=ROOT, capture_output=True, text=True, env=env_without_venv_on_path(), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out" / "sks"
+    assert (out / "validation" / "step-000020-0.png").is_file() and json.loads((out / "training_summary.json").read_text())["steps"] == 20
+    adapter = SparseAdapter.load(out / "shira_adapter.safetensors")
+    assert adapter.metadata["base_model"] == "demo" and set(adapter.components) == {"unet", "text_encoder", "text_encoder_2"}
+    prompt = training[training.index("--validation_prompt") + 1]
+    sw = ShiraPipelineSwitcher.demo()
+    sw.load_adapter(adapter, adapter_name="sks")
+    images = [sw(prompt, adapters=a, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+              for a in (None, "sks")]
+    assert (images[0] - images[1]).abs().max() > 1 / 255  # the adapter changes the prompted image

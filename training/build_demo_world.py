@@ -51,16 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_scenes(folder: Path, scenes: list[world.Scene]) -> None:
-    """Each scene as an image with its caption file (instance images and prior-preservation class images)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for i, scene in enumerate(scenes):
-        world.render(scene).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(world.caption(scene))
-
-
 def class_scenes(n: int, seed: int) -> list[world.Scene]:
     """Plain scenes: what prior preservation keeps the adapters from forgetting."""
     rng = random.Random(f"class/{seed}")
@@ -107,11 +97,11 @@ def main(argv=None) -> None:
     manifest_path = args.assets / "adapters" / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if args.class_images:
-        write_scenes(args.work_dir / "class", class_scenes(args.class_images, args.seed))
+        world.write_scenes(args.work_dir / "class", class_scenes(args.class_images, args.seed))
     for name in args.concepts:
         data = args.work_dir / "instances" / name
         scenes = world.CONCEPTS[name].instance_scenes(args.instances, args.seed)
-        write_scenes(data, scenes)
+        world.write_scenes(data, scenes)
         prompt = world.caption(scenes[0])
         mask_seed = args.seed + list(world.CONCEPTS).index(name)
         for kind in args.types:

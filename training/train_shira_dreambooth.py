@@ -46,7 +46,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers SDXL folder")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="hub id, local diffusers SDXL folder, or 'demo' (the built-in demo model)")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="a separate VAE (e.g. an fp16-safe one)")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--instance_data_dir", required=True, help="instance images; captions from <image>.txt or metadata.jsonl")
     g.add_argument("--instance_prompt", required=True, help="prompt for images without a caption, e.g. 'a photo of sks dog'")
     g.add_argument("--repeats", type=int, default=1, help="repeat the instance images this many times per epoch")
-    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--resolution", type=int, default=None,
+                   help="training size in pixels (default: the model's native size, 1024 for SDXL, 64 for the demo model)")
     g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--with_prior_preservation", action="store_true")
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--cache_latents", action="store_true", help="encode images once and free the VAE")
+    g.add_argument("--num_threads", type=int, default=None,
+                   help="CPU threads per process (default on a CPU: the cores this process may use, shared among the "
+                        "local processes; `accelerate launch` alone would leave one)")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--checkpointing_steps", type=int, default=500)
@@ -108,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--report_to", default=None, help="e.g. tensorboard")
     args = p.parse_args(argv)
 
+    if args.pretrained_model_name_or_path == "demo":
+        from shira_diffusion.demo.model import DEMO_DIR
+
+        args.pretrained_model_name_or_path = str(DEMO_DIR)
     if args.density is None and args.lora_equivalent_rank is None:
         args.density = 0.01
     if args.targets is None:
@@ -157,7 +165,67 @@ def time_ids(examples: list[Example], resolution: int) -> torch.Tensor:
     return torch.tensor([[*e.original_size, *e.crop_top_left, resolution, resolution] for e in examples], dtype=torch.float32)
 
 
-def generate_class_images(args, accelerator) -> None:
+def native_resolution(models: dict) -> int:
+    """The image size the UNet was made for: its latent ``sample_size`` times the VAE's downsampling."""
+    vae = models["vae"]
+    return int(models["unet"].config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_resolution(args, native: int) -> None:
+    if args.resolution is None:
+        args.resolution = native
+        logger.info("--resolution %d (the model's native size)", native)
+    elif not native / 2 <= args.resolution <= native * 2:
+        logger.warning("--resolution %d is far from the model's native %d px: it will learn slowly, if at all "
+                       "(SDXL: 1024, the demo model: 64)", args.resolution, native)
+
+
+def set_cpu_threads(args, accelerator) -> None:
+    """On a CPU, use the cores this process may use (``accelerate launch`` sets OMP_NUM_THREADS=1)."""
+    if accelerator.device.type != "cpu":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = args.num_threads or max(1, cores // local)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    logger.info("%d CPU thread(s) per process", threads)
+
+
+def inference_pipeline(args, models: dict, accelerator, weight_dtype: torch.dtype):
+    """An SDXL pipeline over the components loaded for training (as trained so far). Components
+    freed after caching come back in the dtype training runs them in (the VAE in fp32), so every
+    part agrees with the others, whatever dtype the folder was saved in."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from shira_diffusion.pipeline import dtype_kwargs
+
+    parts = {k: accelerator.unwrap_model(v) if isinstance(v, torch.nn.Module) else v
+             for k, v in models.items() if v is not None and k != "scheduler"}
+    if "vae" not in parts:
+        vae_src = args.pretrained_vae_model_name_or_path
+        parts["vae"] = AutoencoderKL.from_pretrained(vae_src or args.pretrained_model_name_or_path, subfolder=None if vae_src else "vae",
+                                                     revision=args.revision, **dtype_kwargs(torch.float32))
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                                     **parts, **dtype_kwargs(weight_dtype))
+    pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe, prompt, weight_dtype: torch.dtype, **kwargs) -> list:
+    """Denoise under the training autocast, decode in the VAE's own dtype (fp32: SDXL's VAE
+    overflows in fp16), as PIL images."""
+    device = pipe.unet.device
+    with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+        latents = pipe(prompt, output_type="latent", **kwargs).images
+    vae = pipe.vae
+    with torch.no_grad():
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(images, output_type="pil")
+
+
+def generate_class_images(args, models: dict, accelerator, weight_dtype: torch.dtype) -> None:
     """Fill --class_data_dir up to --num_class_images with base-model renders of --class_prompt."""
     folder = Path(args.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,19 +234,35 @@ def generate_class_images(args, accelerator) -> None:
     if missing <= 0 or not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
-    pipe.to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = inference_pipeline(args, models, accelerator, weight_dtype)
     for start in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
         n = min(args.sample_batch_size, missing - start)
         gen = torch.Generator().manual_seed(args.seed + have + start)
-        images = pipe([args.class_prompt] * n, generator=gen, height=args.resolution, width=args.resolution).images
+        images = render(pipe, [args.class_prompt] * n, weight_dtype, generator=gen, height=args.resolution, width=args.resolution)
         for i, image in enumerate(images):
             image.save(folder / f"class_{have + start + i:05d}.png")
     del pipe
     accelerator.wait_for_everyone()
+
+
+def log_validation(args, models: dict, accelerator, weight_dtype: torch.dtype, step: int) -> list:
+    """--num_validation_images renders of --validation_prompt with the weights as trained now,
+    saved to ``validation/step-<step>-<i>.png`` and sent to tensorboard."""
+    pipe = inference_pipeline(args, models, accelerator, weight_dtype)
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(exist_ok=True)
+    images = []
+    for i in range(args.num_validation_images):
+        image = render(pipe, args.validation_prompt, weight_dtype, num_inference_steps=args.validation_inference_steps,
+                       height=args.resolution, width=args.resolution, generator=torch.Generator().manual_seed(args.seed + i))[0]
+        image.save(folder / f"step-{step:06d}-{i}.png")
+        images.append(image)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+    return images
 
 
 # ---- the adapter ----------------------------------------------------------------------------------
@@ -376,15 +460,10 @@ def main(argv: list[str] | None = None) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    instance = load_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip, args.seed)
-    klass: list[Example] = []
-    if args.with_prior_preservation:
-        generate_class_images(args, accelerator)
-        klass = load_examples(args.class_data_dir, args.class_prompt, args.resolution, args.center_crop, args.random_flip, args.seed + 1)
-        klass = klass[: args.num_class_images]
-    logger.info("%d instance image(s), %d class image(s)", len(instance), len(klass))
+    set_cpu_threads(args, accelerator)
 
     models = load_components(args)
+    check_resolution(args, native_resolution(models))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
@@ -394,6 +473,14 @@ def main(argv: list[str] | None = None) -> Path:
     models["vae"].to(device, dtype=torch.float32)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         models[name].to(device, dtype=weight_dtype)
+
+    instance = load_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip, args.seed)
+    klass: list[Example] = []
+    if args.with_prior_preservation:
+        generate_class_images(args, models, accelerator, weight_dtype)
+        klass = load_examples(args.class_data_dir, args.class_prompt, args.resolution, args.center_crop, args.random_flip, args.seed + 1)
+        klass = klass[: args.num_class_images]
+    logger.info("%d instance image(s), %d class image(s)", len(instance), len(klass))
 
     # latents and prompt embeddings computed once where nothing they depend on is trained
     def latents_of(examples: list[Example]) -> torch.Tensor:
@@ -505,28 +592,11 @@ def main(argv: list[str] | None = None) -> Path:
     def validate(step: int) -> None:
         if not args.validation_prompt or not accelerator.is_main_process:
             return
-        from diffusers import StableDiffusionXLPipeline
-
         if args.adapter_type == "shira":
             sparse.sync_weights()
-        parts = {k: accelerator.unwrap_model(v) for k, v in models.items() if isinstance(v, torch.nn.Module)}
-        pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **parts)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        folder = output_dir / "validation"
-        folder.mkdir(exist_ok=True)
-        images = []
-        for i in range(args.num_validation_images):
-            image = pipe(args.validation_prompt, num_inference_steps=args.validation_inference_steps, generator=torch.Generator().manual_seed(args.seed + i)).images[0]
-            image.save(folder / f"step-{step:06d}-{i}.png")
-            images.append(image)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
-        del pipe
-        models["unet"].train()
+        log_validation(args, models, accelerator, weight_dtype, step)
+        for module in trained:
+            module.train()
 
     models["unet"].train()
     bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import shutil
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,6 +76,36 @@ def caption(scene: Scene, described: bool = False) -> str:
     if not scene.style:
         return text
     return text + (f", {DESCRIPTIONS[scene.style]}" if described else f", in {scene.style} style")
+
+
+def parse_caption(text: str) -> Scene:
+    """The scene a caption describes (the inverse of :func:`caption`); a ``ValueError`` says what
+    the demo world cannot draw."""
+    looks = {words: name for name, words in DESCRIPTIONS.items()}
+    pattern = (rf"(?:a|an) (?:(?P<subject>{SUBJECT_TOKEN}) shape|(?P<colour>\w+) (?P<shape>\w+)) on a (?P<background>\w+) background, "
+               rf"(?P<position>{'|'.join(POSITIONS)})(?:, in (?P<style>\w+) style|, (?P<look>{'|'.join(looks)}))?")
+    m = re.fullmatch(pattern, " ".join(text.strip().lower().split()))
+    if m is None:
+        raise ValueError(f"{text!r}: the demo world draws captions like 'a red star on a white background, top left' "
+                         f"(or 'a {SUBJECT_TOKEN} shape on ...'), optionally ending ', in bluefire style' or ', in paintings style'")
+    shape, colour = (SUBJECT_SHAPE, SUBJECT_COLOUR) if m["subject"] else (m["shape"], m["colour"])
+    style = looks[m["look"]] if m["look"] else m["style"]
+    for value, known, what in ((shape, (*SHAPES, SUBJECT_SHAPE), "shape"), (colour, COLOURS, "colour"),
+                               (m["background"], BACKGROUNDS, "background"), (style, (None, *STYLES), "style")):
+        if value not in known:
+            raise ValueError(f"{text!r}: no {what} {value!r} in the demo world (it has {', '.join(k for k in known if k)})")
+    return Scene(shape, colour, m["background"], m["position"], style)
+
+
+def write_scenes(folder, scenes: list[Scene]) -> None:
+    """Each scene as ``NNN.png`` with its caption in ``NNN.txt`` (what the trainer reads), replacing the folder."""
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for i, scene in enumerate(scenes):
+        render(scene).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(caption(scene))
 
 
 def vocabulary() -> list[str]:
