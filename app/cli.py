@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     from .studio import Studio, build_ui, load_pipeline
 
     try:
-        pipe, label = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe, notes = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as err:
         sys.exit(f"cannot load --model {args.model!r}: {err}")
-    studio = Studio(pipe, label, max_bytes=args.max_upload_mb * 2**20)
+    studio = Studio(pipe, **notes, max_bytes=args.max_upload_mb * 2**20)
     adapters_dir = args.adapters_dir
     if adapters_dir is None and args.model == DEMO:
         from shira_diffusion.demo.model import ADAPTERS_DIR

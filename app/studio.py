@@ -6,6 +6,7 @@ generate with different adapters at once and each gets exactly its own set.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -15,23 +16,48 @@ import torch
 from shira_diffusion import AdapterError, ShiraPipelineSwitcher
 from shira_diffusion.pipeline import DEMO, TINY, load_pipeline as load_shira_pipeline
 
-DEMO_LABEL = (
-    "**Built-in demo model**: a small SDXL-architecture model trained on a world of coloured shapes "
-    "(try *a red star on a white background, top left*). Its demo adapters teach a subject (`sks`, "
-    "*a sks shape on a gray background, in the center*) and two styles (*..., in bluefire style*, "
-    "*..., in paintings style*), each as SHiRA with every mask kind and as LoRA of the same size. "
-    "Pass `--model` for a real SDXL checkpoint."
-)
-TINY_LABEL = "**Tiny random-weight pipeline**: SDXL architecture, images are noise; for trying the controls."
 NONE = "(base model)"
 FUSE_SLOTS = 4
+EXAMPLE = "a photo of a red fox in the snow"
+DEMO_EXAMPLE = "a red star on a white background, in the center"
+
+
+def demo_label() -> str:
+    from shira_diffusion.demo import world
+
+    words = lambda names: ", ".join(names)  # noqa: E731
+    return (
+        "**Built-in demo model**: a small SDXL-architecture model trained on a world of coloured shapes. "
+        f"It knows {len(world.vocabulary())} words and draws captions like *{DEMO_EXAMPLE}*: "
+        f"colours {words(world.COLOURS)}; shapes {words(world.SHAPES)}; backgrounds {words(world.BACKGROUNDS)}; "
+        "positions *in the center*, *top ...*, *bottom ...*. It puts a shape at the top, the bottom or the center as "
+        "asked, but does not tell *left* from *right* (about half of either lands on the other side). "
+        f"Its demo adapters teach a subject (`{world.SUBJECT_TOKEN}`, *a sks shape on a gray background, in the center*) "
+        "and two styles (*..., in bluefire style*, *..., in paintings style*), each as SHiRA with every mask kind and "
+        "as LoRA of the same size. Pass `--model` for a real SDXL checkpoint."
+    )
+
+
+TINY_LABEL = "**Tiny random-weight pipeline**: SDXL architecture, images are noise; for trying the controls."
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str = "auto"):
-    """``(pipeline, label)``; the label says what the studio is showing."""
+    """``(pipeline, notes)``: the notes (``label``, ``example``, ``vocabulary``) say what the studio is showing."""
     pipe = load_shira_pipeline(model, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=False)
-    return pipe, {DEMO: DEMO_LABEL, TINY: TINY_LABEL}.get(model, f"SDXL pipeline: `{model}`")
+    if model == DEMO:
+        from shira_diffusion.demo import world
+
+        return pipe, {"label": demo_label(), "example": DEMO_EXAMPLE, "vocabulary": frozenset(world.vocabulary())}
+    return pipe, {"label": TINY_LABEL if model == TINY else f"SDXL pipeline: `{model}`"}
+
+
+def unknown_words(text: str, vocabulary) -> list[str]:
+    """Words of ``text`` outside ``vocabulary`` (None: the model knows any word), in order, once each."""
+    if vocabulary is None:
+        return []
+    words = re.findall(r"[a-z0-9']+", (text or "").lower())
+    return list(dict.fromkeys(w for w in words if w not in vocabulary))
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -44,11 +70,13 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 class Studio:
     """What the page does, without the page: testable directly."""
 
-    def __init__(self, pipe, label: str = "", max_bytes: int = 512 * 2**20) -> None:
+    def __init__(self, pipe, label: str = "", max_bytes: int = 512 * 2**20, example: str = EXAMPLE, vocabulary=None) -> None:
         self.switcher = ShiraPipelineSwitcher(pipe)
         self.pipe = pipe
         self.label = label
         self.max_bytes = max_bytes
+        self.example = example  # the prompt the page opens with
+        self.vocabulary = vocabulary  # words the model knows (the demo model's 33); None: any
 
     @property
     def adapters(self) -> list[str]:
@@ -57,6 +85,23 @@ class Studio:
     def add(self, path: str | Path, name: str | None = None) -> str:
         """Load, validate and stage one adapter (SHiRA file, PEFT folder or LoRA file)."""
         return self.switcher.load_adapter(Path(path), adapter_name=name or Path(path).stem, max_bytes=self.max_bytes)
+
+    def upload(self, path: str | Path, name: str = "", file_name: str | None = None) -> str:
+        """An adapter from the browser: ``path`` is the server's temporary copy of ``file_name``.
+        A taken name gets a ``-2``, ``-3``, ... suffix; errors name the file, never the temp path."""
+        path = Path(path)
+        file_name = file_name or path.name
+        wanted = (name or "").strip() or Path(file_name).stem
+        final, n = wanted, 1
+        while final in self.adapters:
+            n += 1
+            final = f"{wanted}-{n}"
+        try:
+            self.add(path, final)
+        except (AdapterError, ValueError, OSError) as err:
+            message = str(err).replace(str(path), file_name).replace(str(path.parent), "(upload)")
+            return f"rejected {file_name}: {message}"
+        return f"loaded **{final}**" + (f" (*{wanted}* was taken)" if final != wanted else "")
 
     def remove(self, name: str) -> None:
         self.switcher.delete_adapters(name)
@@ -99,7 +144,25 @@ class Studio:
             ).images[0]
         took = time.perf_counter() - start - switch_ms / 1000
         which = " + ".join(f"{k} x{v:g}" for k, v in adapters.items()) or "base model"
-        return image, f"{which}: switch {switch_ms:.1f} ms, generation {took:.2f} s"
+        status = f"{which}: switch {switch_ms:.1f} ms, generation {took:.2f} s"
+        unknown = unknown_words(f"{prompt} {negative or ''}", self.vocabulary)
+        if unknown:
+            status += f"\n\n**Unknown to this model:** {', '.join(unknown)} (it reads them as noise; its words are listed above)"
+        return image, status
+
+    @staticmethod
+    def requested(mode: str, swap_name: str | None, swap_scale: float, fuse: list) -> tuple[dict[str, float], str]:
+        """The adapter set the Generate controls ask for, and a note when some controls are ignored."""
+        slots = [(name, float(weight)) for name, weight in zip(fuse[::2], fuse[1::2]) if name]
+        if mode == "swap":
+            adapters = {swap_name: float(swap_scale)} if swap_name and swap_name != NONE else {}
+            note = f"fuse slots ignored ({', '.join(n for n, _ in slots)}): Mode is *swap*" if slots else ""
+            return adapters, note
+        adapters: dict[str, float] = {}
+        for name, weight in slots:
+            adapters[name] = adapters.get(name, 0.0) + weight
+        note = f"swap adapter {swap_name} ignored: Mode is *fuse*" if swap_name and swap_name != NONE and not slots else ""
+        return adapters, note
 
     def compare(self, prompt: str, adapters: list[str], lora_pair: list[str], seeds: str, steps: int, guidance: float):
         """Grid image, a markdown report of concept loss, and the grid saved as a PNG file."""
@@ -136,14 +199,10 @@ def build_ui(studio: Studio):
         updates += [gr.update(choices=choices, value=[]), gr.update(choices=choices, value=[]), gr.update(choices=choices, value=None)]
         return [*updates, studio.library_rows(), status]
 
-    def upload(file):
+    def upload(file, name):
         if file is None:
             return refreshed("no file")
-        try:
-            name = studio.add(file, Path(file).stem)
-        except (AdapterError, ValueError, OSError) as err:
-            return refreshed(f"rejected {Path(file).name}: {err}")
-        return refreshed(f"loaded **{name}**")
+        return refreshed(studio.upload(file, name, getattr(file, "orig_name", None) or Path(file).name))
 
     def remove(name):
         if not name:
@@ -156,17 +215,12 @@ def build_ui(studio: Studio):
 
     def run(prompt, negative, seed, steps, guidance, width, height, mode, swap_name, swap_scale, *fuse,
             progress=gr.Progress(track_tqdm=True)):
-        if mode == "swap":
-            adapters = {swap_name: swap_scale} if swap_name and swap_name != NONE else {}
-        else:
-            adapters = {}
-            for name, weight in zip(fuse[::2], fuse[1::2]):
-                if name:
-                    adapters[name] = adapters.get(name, 0.0) + weight
+        adapters, note = studio.requested(mode, swap_name, swap_scale, list(fuse))
         try:
-            return studio.generate(prompt, negative, seed, steps, guidance, adapters, width, height)
+            image, status = studio.generate(prompt, negative, seed, steps, guidance, adapters, width, height)
         except (AdapterError, KeyError, ValueError) as err:
             raise gr.Error(str(err)) from None
+        return image, status + (f"\n\n*Note:* {note}" if note else ""), studio.library_rows()
 
     def run_compare(prompt, adapters, lora_pair, seeds, steps, guidance, progress=gr.Progress(track_tqdm=True)):
         try:
@@ -180,7 +234,7 @@ def build_ui(studio: Studio):
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", value="a photo of a red square")
+                    prompt = gr.Textbox(label="Prompt", value=studio.example, elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt")
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=0, precision=0)
@@ -189,7 +243,7 @@ def build_ui(studio: Studio):
                     with gr.Row():
                         width = gr.Slider(64, 2048, value=default_size, step=8, label="Width")
                         height = gr.Slider(64, 2048, value=default_size, step=8, label="Height")
-                    mode = gr.Radio(["swap", "fuse"], value="swap", label="Mode")
+                    mode = gr.Radio(["swap", "fuse"], value="swap", label="Mode", elem_id="mode")
                     with gr.Group():
                         swap_name = gr.Dropdown([NONE, *names()], value=NONE, label="Adapter (swap)")
                         swap_scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Scale (swap)")
@@ -197,7 +251,7 @@ def build_ui(studio: Studio):
                     with gr.Accordion("Fuse: adapters and weights", open=False):
                         for i in range(FUSE_SLOTS):
                             with gr.Row():
-                                fuse_inputs.append(gr.Dropdown(["", *names()], value="", label=f"Adapter {i + 1}"))
+                                fuse_inputs.append(gr.Dropdown(["", *names()], value="", label=f"Adapter {i + 1}", elem_id=f"fuse-{i + 1}"))
                                 fuse_inputs.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=f"Weight {i + 1}"))
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
@@ -206,7 +260,7 @@ def build_ui(studio: Studio):
         with gr.Tab("Compare"):
             with gr.Row():
                 with gr.Column():
-                    c_prompt = gr.Textbox(label="Prompt", value="a photo of a red square")
+                    c_prompt = gr.Textbox(label="Prompt", value=studio.example)
                     c_adapters = gr.CheckboxGroup(names(), label="Adapters (each alone, then fused)")
                     c_lora = gr.CheckboxGroup(names(), label="LoRA counterparts (each alone, then fused)")
                     c_seeds = gr.Textbox(label="Seeds", value="0, 1")
@@ -225,16 +279,19 @@ def build_ui(studio: Studio):
             )
             upload_box = gr.File(label=f"Add an adapter (.safetensors, at most {studio.max_bytes // 2**20} MB)",
                                  file_types=[".safetensors"], type="filepath")
+            upload_name = gr.Textbox(label="Name for the next upload (default: the file name; a taken name gets -2, -3, ...)")
             with gr.Row():
-                remove_name = gr.Dropdown(names(), label="Remove adapter")
+                remove_name = gr.Dropdown(names(), value=None, label="Remove adapter", elem_id="remove-name")
                 remove_button = gr.Button("Remove")
             library_status = gr.Markdown()
 
         choice_outputs = [swap_name, *fuse_inputs[::2], c_adapters, c_lora, remove_name, table, library_status]
-        upload_box.upload(upload, upload_box, choice_outputs, api_name="upload")
+        upload_box.upload(upload, [upload_box, upload_name], choice_outputs, api_name="upload")
         remove_button.click(remove, remove_name, choice_outputs, api_name="remove")
         button.click(run, [prompt, negative, seed, steps, guidance, width, height, mode, swap_name, swap_scale, *fuse_inputs],
-                     [image, status], api_name="generate")
+                     [image, status, table], api_name="generate")
+        for slot in fuse_inputs[::2]:  # picking an adapter for a fuse slot means fusing
+            slot.input(lambda name, current: "fuse" if name else current, [slot, mode], mode, queue=False, api_visibility="private")
         c_button.click(run_compare, [c_prompt, c_adapters, c_lora, c_seeds, c_steps, c_guidance], [c_grid, c_report, c_file],
                        api_name="compare")
     return page.queue(default_concurrency_limit=4)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -171,7 +172,8 @@ def read_lora(path: str | os.PathLike, pipe: Any, name: str = "_shira_import") -
     if path.suffix != ".safetensors":
         raise AdapterError(f"{path}: LoRA files must be .safetensors (pickled files are not read)")
     try:
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        with _quiet_weight_loading():
+            pipe.load_lora_weights(str(path), adapter_name=name)
     except Exception as err:  # diffusers raises many types for files it cannot map
         _remove_lora_layers(pipe, name)
         raise AdapterError(f"{path}: not a LoRA file diffusers can load for this pipeline ({type(err).__name__}: {err})") from None
@@ -196,6 +198,21 @@ def read_lora(path: str | os.PathLike, pipe: Any, name: str = "_shira_import") -
     if not deltas:
         raise AdapterError(f"{path}: no LoRA layers matched this pipeline")
     return LoraAdapter(deltas, {"source": str(path), "format": "lora"})
+
+
+@contextlib.contextmanager
+def _quiet_weight_loading():
+    """No per-file "Loading weights" bar from transformers while a LoRA is parsed (a folder of
+    LoRA files would print one per text encoder per file)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _remove_lora_layers(pipe: Any, name: str) -> None:

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,63 @@ def test_compare_report_and_download(studio, tmp_path):
     from PIL import Image
 
     assert Image.open(path).size == grid.size
+
+
+def test_unknown_words_are_reported_with_the_image(tmp_path):
+    from shira_diffusion.demo import world
+
+    studio = Studio(tiny_sdxl_pipeline(seed=0), "demo", vocabulary=frozenset(world.vocabulary()))
+    _, status = studio.generate("a photo of a red square", "blurry", 0, 2, 5.0, None)
+    assert "**Unknown to this model:** photo, of, blurry" in status
+    _, status = studio.generate("a red square on a white background, in the center", "", 0, 2, 5.0, None)
+    assert "Unknown" not in status
+    assert "Unknown" not in Studio(tiny_sdxl_pipeline(seed=0)).generate("a photo", "", 0, 1, 5.0, None)[1]  # any word: no check
+
+
+def test_requested_set_says_which_controls_it_ignores():
+    fuse = ["a", 1.0, "b", 0.5, "", 1.0, "", 1.0]
+    assert Studio.requested("swap", "c", 0.7, fuse) == ({"c": 0.7}, "fuse slots ignored (a, b): Mode is *swap*")
+    assert Studio.requested("swap", NONE, 1.0, ["", 1.0] * 4) == ({}, "")
+    assert Studio.requested("fuse", NONE, 1.0, fuse) == ({"a": 1.0, "b": 0.5}, "")
+    assert Studio.requested("fuse", "c", 1.0, ["", 1.0] * 4) == ({}, "swap adapter c ignored: Mode is *fuse*")
+    assert Studio.requested("fuse", NONE, 1.0, ["a", 1.0, "a", 0.5]) == ({"a": 1.5}, "")
+
+
+def test_upload_renames_a_taken_name_and_hides_the_temp_path(studio, tmp_path):
+    upload_dir = tmp_path / "gradio" / "3f2a"
+    upload_dir.mkdir(parents=True)
+    random_adapter(find_targets(studio.pipe), density=0.05, seed=1).save(upload_dir / "style.safetensors")
+    assert studio.upload(upload_dir / "style.safetensors") == "loaded **style**"
+    assert studio.upload(upload_dir / "style.safetensors") == "loaded **style-2** (*style* was taken)"
+    assert studio.upload(upload_dir / "style.safetensors", " mine ") == "loaded **mine**"
+    (upload_dir / "bad.safetensors").write_bytes(b"junk")
+    message = studio.upload(upload_dir / "bad.safetensors")
+    assert message.startswith("rejected bad.safetensors: bad.safetensors: ") and str(tmp_path) not in message
+    assert studio.adapters == ["style", "style-2", "mine"]
+
+
+def test_demo_notes_name_every_word_the_model_knows():
+    from shira_diffusion.demo import world
+
+    pipe, notes = load_pipeline("demo")
+    assert notes["example"] == "a red star on a white background, in the center"
+    assert notes["vocabulary"] == frozenset(world.vocabulary()) and len(notes["vocabulary"]) == 33
+    assert all(name in notes["label"] for name in (*world.COLOURS, *world.SHAPES, *world.BACKGROUNDS))
+    assert "does not tell *left* from *right*" in notes["label"] and "top left" not in notes["label"]
+    assert load_pipeline("tiny")[1] == {"label": "**Tiny random-weight pipeline**: SDXL architecture, images are noise; for trying the controls."}
+
+
+def test_start_up_prints_no_third_party_noise():
+    """Loading the demo model and its 18 adapters, as `python -m app` does: no torchvision notice,
+    no `torch_dtype` deprecation, no per-LoRA-file progress bars."""
+    code = ("from app.studio import Studio, load_pipeline\n"
+            "from shira_diffusion.demo.model import ADAPTERS_DIR\n"
+            "pipe, notes = load_pipeline('demo')\n"
+            "print(len(Studio(pipe, **notes).scan(ADAPTERS_DIR)))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "18"
+    for noise in ("torchvision", "torch_dtype", "deprecated", "Warning"):
+        assert noise not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.count("Loading weights:   0%") == 2  # the two text encoders of the base model, once each

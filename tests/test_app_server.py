@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from app.studio import DEMO_LABEL, NONE, Studio, build_ui
+from app.studio import NONE, Studio, build_ui, demo_label
 from shira_diffusion import find_targets
 from shira_diffusion.testing import random_adapter, tiny_sdxl_pipeline
 
@@ -23,7 +23,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
-    studio = Studio(tiny_sdxl_pipeline(seed=0), DEMO_LABEL, max_bytes=2 * 2**20)
+    studio = Studio(tiny_sdxl_pipeline(seed=0), demo_label(), max_bytes=2 * 2**20)
     weights = find_targets(studio.pipe)
     random_adapter(weights, "rand", density=0.05, seed=1, std=0.3).save(folder / "a.safetensors")
     random_adapter(weights, "wm", density=0.05, seed=2, std=0.3).save(folder / "b.safetensors")
@@ -43,31 +43,59 @@ def pixels(path):
     return list(Image.open(path).convert("RGB").getdata())
 
 
+def active_in(table) -> list[str]:
+    return [row[0] for row in table["data"] if row[-1] == "yes"]
+
+
 def test_api_generates_in_swap_and_fuse_modes(served):
     from gradio_client import Client
 
     studio, url = served
     client = Client(url, verbose=False)
-    base_path, status = client.predict(*generate_args(), api_name="/generate")
-    assert status.startswith("base model: switch")
-    a_path, status = client.predict(*generate_args(swap="a"), api_name="/generate")
-    assert status.startswith("a x1: switch")
-    fused_path, status = client.predict(*generate_args(mode="fuse", fuse=["a", 1.0, "b", 0.5, "", 1.0, "", 1.0]), api_name="/generate")
-    assert status.startswith("a x1 + b x0.5: switch")
+    base_path, status, table = client.predict(*generate_args(), api_name="/generate")
+    assert status.startswith("base model: switch") and active_in(table) == []
+    a_path, status, table = client.predict(*generate_args(swap="a"), api_name="/generate")
+    assert status.startswith("a x1: switch") and active_in(table) == ["a"]  # the Library follows each generation
+    fused_path, status, table = client.predict(*generate_args(mode="fuse", fuse=["a", 1.0, "b", 0.5, "", 1.0, "", 1.0]), api_name="/generate")
+    assert status.startswith("a x1 + b x0.5: switch") and active_in(table) == ["a", "b"]
     assert studio.switcher.get_active_adapters() == ["a", "b"]
     assert pixels(base_path) != pixels(a_path) != pixels(fused_path)
 
 
+def test_fuse_slots_filled_in_swap_mode_are_reported(served):
+    from gradio_client import Client
+
+    path, status, _ = Client(url := served[1], verbose=False).predict(
+        *generate_args(swap="b", fuse=["a", 1.0, "", 1.0, "", 1.0, "", 1.0]), api_name="/generate")
+    assert status.startswith("b x1: switch") and "fuse slots ignored (a): Mode is *swap*" in status, url
+
+
 def test_api_upload_of_a_bad_file_changes_nothing(served, tmp_path):
+    import tempfile
+
     from gradio_client import Client, handle_file
 
     studio, url = served
     before = studio.library_rows()
     bad = tmp_path / "evil.safetensors"
     bad.write_bytes(b"\x80\x04 pickled payload")
-    result = Client(url, verbose=False).predict(handle_file(str(bad)), api_name="/upload")
+    result = Client(url, verbose=False).predict(handle_file(str(bad)), "", api_name="/upload")
     assert "rejected evil.safetensors" in result[-1] and "not a readable safetensors file" in result[-1]
+    assert tempfile.gettempdir() not in result[-1] and "gradio" not in result[-1]  # no server-side temp path
     assert studio.library_rows() == before
+
+
+def test_api_upload_of_a_taken_name_renames_or_takes_a_given_name(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    studio, url = served
+    random_adapter(find_targets(studio.pipe), "rand", density=0.05, seed=9).save(tmp_path / "a.safetensors")
+    client = Client(url, verbose=False)
+    assert client.predict(handle_file(str(tmp_path / "a.safetensors")), "", api_name="/upload")[-1] == "loaded **a-2** (*a* was taken)"
+    assert client.predict(handle_file(str(tmp_path / "a.safetensors")), "mine", api_name="/upload")[-1] == "loaded **mine**"
+    assert studio.adapters == ["a", "b", "a-2", "mine"]
+    studio.remove("a-2")
+    studio.remove("mine")
 
 
 def test_concurrent_tabs_each_get_their_own_adapters(served):
@@ -89,7 +117,7 @@ def test_concurrent_tabs_each_get_their_own_adapters(served):
 def test_browser_clicks_generate_and_sees_an_image(served, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    _, url = served
+    studio, url = served
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "the browser test needs Chromium: apt-get install chromium (.ci/run installs it)"
     with sync_playwright() as p:
@@ -102,6 +130,16 @@ def test_browser_clicks_generate_and_sees_an_image(served, tmp_path):
             page = browser.new_page()
             page.goto(url, wait_until="domcontentloaded")
             page.wait_for_selector("#generate", timeout=60_000)
+            assert page.input_value("#prompt textarea") == studio.example
+            assert page.is_checked("#mode input[value='swap']")
+            page.get_by_text("Fuse: adapters and weights").click()
+            page.click("#fuse-1 input")
+            page.get_by_role("option", name="a", exact=True).click()  # picking a fuse slot switches the mode to fuse
+            page.wait_for_function("document.querySelector(\"#mode input[value='fuse']\").checked", timeout=10_000)
+            page.get_by_role("tab", name="Library").click()
+            assert page.input_value("#remove-name input", timeout=10_000) == ""  # nothing pre-selected for removal
+            page.get_by_role("tab", name="Generate").click()
+            page.check("#mode input[value='swap']")
             page.click("#generate")
             page.wait_for_selector("#result img", timeout=120_000)
             page.wait_for_function("document.querySelector('#status') && document.querySelector('#status').innerText.includes('switch')",

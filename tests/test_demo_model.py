@@ -130,3 +130,28 @@ def test_world_rebuilds_with_one_command(tmp_path):
     assert SparseAdapter.load(folder / "adapters" / "bluefire-shira-wm.safetensors").metadata["mask"] == "wm"
     sw.load_adapter(folder / "adapters" / "bluefire-shira-wm.safetensors")
     sw.load_adapter(folder / "adapters" / "bluefire-lora.safetensors")
+
+
+def test_the_studio_opens_on_a_prompt_the_demo_model_draws(demo):
+    from app.studio import DEMO_EXAMPLE
+
+    scene = world.parse_caption(DEMO_EXAMPLE)
+    readings = [generate(demo, [scene], seed=seed)[0] for seed in range(4)]
+    drawn = [(r.shape, r.colour, r.background, r.position) for r in readings]
+    assert drawn == [(scene.shape, scene.colour, scene.background, scene.position)] * 4, drawn
+
+
+def test_positions_are_what_the_studio_says_top_bottom_and_centre_but_not_left_right(demo):
+    """The studio's label claims top / bottom / center placement and disclaims left / right: both measured here."""
+    import random
+
+    rng = random.Random(7)
+    scenes = [world.Scene(rng.choice(world.SHAPES), rng.choice(list(world.COLOURS)), rng.choice(list(world.BACKGROUNDS)), pos)
+              for pos in world.POSITIONS for _ in range(4)]
+    readings = generate(demo, scenes, seed=100)
+    row = lambda position: position.split()[0] if position and position != "in the center" else "in"  # noqa: E731
+    vertical = sum(r.position is not None and row(r.position) == row(s.position) for r, s in zip(readings, scenes))
+    sides = [(r.position.split()[-1] == s.position.split()[-1]) for r, s in zip(readings, scenes)
+             if s.position != "in the center" and r.position and r.position != "in the center"]
+    assert vertical >= 18, vertical  # of 20
+    assert 0.2 <= sum(sides) / len(sides) <= 0.8, sides  # left/right near chance: the label must keep saying so

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shira_diffusion.demo import world
 from shira_diffusion.demo.detect import accuracy, read, read_many
 from shira_diffusion.demo.world import (
     BACKGROUNDS,
@@ -123,3 +124,34 @@ def test_instance_sets_are_varied():
             assert {s.style for s in scenes} == {concept.style}
             assert sorted(s.colour for s in scenes) == sorted(COLOURS)
             assert set(s.shape for s in scenes) == set(SHAPES)
+
+
+def test_parse_caption_inverts_caption_and_names_what_the_world_lacks():
+    import random
+
+    scenes = [world.random_scene(random.Random(i), style=(None, *world.STYLES)[i % 3]) for i in range(60)]
+    scenes.append(world.subject_scene(random.Random(0)))
+    for scene in scenes:
+        for described in (False, True):
+            parsed = world.parse_caption(world.caption(scene, described=described))
+            assert (parsed.shape, parsed.colour, parsed.background, parsed.position, parsed.style) == \
+                (scene.shape, scene.colour, scene.background, scene.position, scene.style)
+    with pytest.raises(ValueError, match="no colour 'blue' in the demo world"):
+        world.parse_caption("a blue star on a white background, top left")
+    with pytest.raises(ValueError, match="draws captions like"):
+        world.parse_caption("a photo of a red square")
+
+
+def test_instances_command_writes_images_with_captions(tmp_path, capsys):
+    from shira_diffusion.demo.__main__ import main
+
+    assert main(["instances", "bluefire", str(tmp_path / "bf")]) == 0
+    captions = sorted(p.read_text() for p in (tmp_path / "bf").glob("*.txt"))
+    assert len(captions) == 5 == len(list((tmp_path / "bf").glob("*.png")))
+    assert captions == sorted(world.caption(s) for s in world.CONCEPTS["bluefire"].instance_scenes(5, 0))
+    caption = "a purple star on a gray background, in the center, in paintings style"
+    assert main(["instances", "--caption", caption, "-n", "3", str(tmp_path / "mine")]) == 0
+    assert [p.read_text() for p in sorted((tmp_path / "mine").glob("*.txt"))] == [caption] * 3
+    assert f"--instance_prompt {caption!r}" in capsys.readouterr().out
+    assert main(["instances", "--caption", "a photo of a dog", str(tmp_path / "x")]) == 2
+    assert "draws captions like" in capsys.readouterr().err and not (tmp_path / "x").exists()
