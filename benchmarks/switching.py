@@ -29,16 +29,30 @@ from shira_diffusion.dtypes import DTYPES  # noqa: E402
 
 
 
-def drift(unet, base: dict) -> dict:
+class Reference:
+    """The base target weights in a safetensors file, read one weight at a time: a full in-memory
+    copy would not fit next to an fp32 UNet and rank-64 adapters in 24 GB."""
+
+    def __init__(self, weights: dict, folder: Path) -> None:
+        self.path = folder / "reference.safetensors"
+        save_file({k.removeprefix("unet.") + ".weight": w.detach().contiguous() for k, w in weights.items()}, str(self.path))
+
+    def items(self):
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def drift(unet, base: Reference) -> dict:
     """Elements of the base weights that differ from the original (PEFT wrappers' names mapped back)."""
+    state = {name.replace(".base_layer", ""): value for name, value in unet.state_dict().items()}
     changed, worst = 0, 0.0
-    for name, value in unet.state_dict().items():
-        ref = base.get(name.replace(".base_layer", ""))
-        if ref is None:
-            continue
-        diff = value.float() - ref.float()
+    for name, ref in base.items():
+        value = state[name]
         changed += int((value != ref).sum())
-        worst = max(worst, float(diff.abs().max()))
+        worst = max(worst, float((value.float() - ref.float()).abs().max()))
     return {"elements_changed": changed, "max_abs_error": worst}
 
 
@@ -58,23 +72,41 @@ def lora_files(weights: dict, rank: int, dtype: torch.dtype, folder: Path, seeds
     return paths
 
 
-def measure_floor(weights, adapters, dtype, args) -> dict:
+def measure_floor(weights, files: list[Path], dtype, args) -> dict:
     """Sorted ``index_copy_`` of A's entries, then B's, into one flat buffer of the targets' size."""
     offsets, total = {}, 0
     for key, w in weights.items():
         offsets[key], total = total, total + w.numel()
     flat = torch.zeros(total, dtype=dtype)
-    idx = [torch.cat([a.deltas[k].indices.long() + offsets[k] for k in a.deltas]) for a in adapters[:2]]
-    val = [torch.cat([a.deltas[k].values for k in a.deltas]) for a in adapters[:2]]
+    idx, val = [], []
+    for path in files[:2]:
+        a = SparseAdapter.load(path)
+        idx.append(torch.cat([a.deltas[k].indices.long() + offsets[k] for k in a.deltas]))
+        val.append(torch.cat([a.deltas[k].values for k in a.deltas]))
+        del a
     return {
         "floor_one_copy_s": median(lambda: flat.index_copy_(0, idx[0], val[0]), args.repeats),
         "floor_switch_s": median(lambda: (flat.index_copy_(0, idx[0], val[0]), flat.index_copy_(0, idx[1], val[1])), args.repeats),
     }
 
 
-def bench_ours(unet, weights, adapters, args, folder: Path, base: dict) -> dict:
-    files = [a.save(folder / f"shira_{i}.safetensors") for i, a in enumerate(adapters)]
-    res: dict = {"entries": adapters[0].num_params}
+def peak_rss_bytes(reset: bool = False) -> int:
+    """The process's peak RSS (VmHWM); ``reset`` starts a new peak (Linux: /proc/self/clear_refs)."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_ours(unet, weights, adapter_files: list[Path], args, base: Reference) -> dict:
+    files = adapter_files
+    res: dict = {"entries": SparseAdapter.load(files[0]).num_params}
     engine = ShiraEngine({"unet": unet})
 
     def load_and_apply():
@@ -85,25 +117,21 @@ def bench_ours(unet, weights, adapters, args, folder: Path, base: dict) -> dict:
         engine.restore()
         engine.unstage("a")
 
-    SparseAdapter.load(files[0])  # warm the page cache
     res["load_s"] = median(lambda: SparseAdapter.load(files[0]), args.repeats)
     res["load_and_apply_s"] = median(load_and_apply, args.repeats, after=unload)
     for i, name in enumerate("abc"):
         engine.stage(name, SparseAdapter.load(files[i]))
+    loaded = engine.memory()
+    res["host_bytes_per_loaded_adapter"] = loaded["a"]["host_bytes"]
+    res["device_bytes_inactive"] = sum(m["device_bytes"] for m in loaded.values())
     res["apply_s"] = median(lambda: engine.apply("a"), args.repeats, after=engine.restore)
     res["restore_s"] = median(engine.restore, args.repeats, before=lambda: engine.apply("a"))
     res["switch_s"] = median(lambda: engine.apply("b"), args.repeats, before=lambda: engine.apply("a"), after=engine.restore)
     for n in (2, 3):
-        names = "abc"[:n]
-        scales = {k: 0.5 + 0.25 * i for i, k in enumerate(names)}
-        engine.plan_cache_size = 0  # measure building the fused values, not a cached plan
+        scales = {k: 0.5 + 0.25 * i for i, k in enumerate("abc"[:n])}
         res[f"fuse{n}_s"] = median(lambda: engine.apply(scales), args.repeats, after=engine.restore)
-        engine.plan_cache_size = 4
     engine.apply("a")
-    res["ram_held_bytes_per_adapter"] = sum(
-        p.idx.numel() * p.idx.element_size() + p.orig.numel() * p.orig.element_size() * 2 + p.delta.numel() * p.delta.element_size()
-        for p in engine._staged["a"].values()
-    )
+    res["held_by_active_adapter"] = engine.memory()["a"]  # on a CPU host and device are one memory: all "host"
     res["file_bytes"] = files[0].stat().st_size
     res["inference"] = {"applied_s": forward_time(unet, args)}
     engine.restore()
@@ -115,6 +143,31 @@ def bench_ours(unet, weights, adapters, args, folder: Path, base: dict) -> dict:
     res["drift_after_%d_cycles" % cycles] = drift(unet, base)
     for name in "abc":
         engine.unstage(name)
+    return res
+
+
+def bench_lora_strength(unet, weights, args, dtype) -> dict:
+    """A LoRA's strength moved 1 and 10 times in our engine: how much the peak RSS grows each way."""
+    from shira_diffusion import LoraAdapter, LoraDelta
+
+    g = torch.Generator().manual_seed(7)
+    lora = LoraAdapter({k: LoraDelta((torch.randn(args.rank, w.shape[1], generator=g) * 0.01).to(dtype),
+                                     (torch.randn(w.shape[0], args.rank, generator=g) * 0.01).to(dtype), 1.0, tuple(w.shape))
+                        for k, w in weights.items()})
+    engine = ShiraEngine({"unet": unet})
+    engine.stage("lora", lora)
+    engine.apply({"lora": 1.0})
+    res: dict = {"held_while_active": engine.memory()["lora"]}
+    for moves in (1, 10):
+        before = rss_bytes()
+        peak_rss_bytes(reset=True)
+        start = time.perf_counter()
+        for i in range(moves):
+            engine.apply({"lora": 0.9 - 0.05 * i})
+        res[f"move_{moves}x"] = {"seconds": time.perf_counter() - start, "peak_rss_growth_bytes": peak_rss_bytes() - before}
+        engine.apply({"lora": 1.0})
+    engine.restore()
+    engine.unstage("lora")
     return res
 
 
@@ -132,7 +185,7 @@ def forward_time(unet, args) -> float:
         return median(run, max(3, args.repeats))
 
 
-def bench_diffusers_lora(unet, weights, args, dtype, folder: Path, base: dict) -> dict:
+def bench_diffusers_lora(unet, weights, args, dtype, folder: Path, base: Reference) -> dict:
     files = lora_files(weights, args.rank, dtype, folder)
     res: dict = {"params": sum(args.rank * (w.shape[0] + w.shape[1]) for w in weights.values()), "file_bytes": files[0].stat().st_size}
 
@@ -179,7 +232,7 @@ def bench_diffusers_lora(unet, weights, args, dtype, folder: Path, base: dict) -
     return res
 
 
-def bench_peft_shira(unet, weights, args, dtype, folder: Path, base: dict) -> dict:
+def bench_peft_shira(unet, weights, args, dtype, folder: Path, base: Reference) -> dict:
     from peft import PeftModel, ShiraConfig, get_peft_model
 
     names = sorted({k.removeprefix("unet.") for k in weights})
@@ -217,11 +270,11 @@ def bench_peft_shira(unet, weights, args, dtype, folder: Path, base: dict) -> di
     return res, unet
 
 
-def restore_state(unet, base: dict) -> None:
+def restore_state(unet, base: Reference) -> None:
+    state = {name.replace(".base_layer", ""): value for name, value in unet.state_dict().items()}
     with torch.no_grad():
-        for name, value in unet.state_dict().items():
-            if name.replace(".base_layer", "") in base:
-                value.copy_(base[name.replace(".base_layer", "")])
+        for name, ref in base.items():
+            state[name].copy_(ref)
 
 
 def ratios(r: dict) -> dict:
@@ -235,8 +288,14 @@ def ratios(r: dict) -> dict:
         "file_vs_lora": ours["file_bytes"] / lora["file_bytes"],
         "inference_applied_over_base": ours["inference"]["applied_s"] / ours["inference"]["base_s"],
         "inference_unfused_lora_over_base": lora["inference"]["unfused_s"] / ours["inference"]["base_s"],
-        "ram_held_over_file": ours["ram_held_bytes_per_adapter"] / ours["file_bytes"],
+        "host_held_over_file": ours["host_bytes_per_loaded_adapter"] / ours["file_bytes"],
+        "fuse2_over_2x_apply": ours["fuse2_s"] / (2 * ours["apply_s"]),
+        "fuse3_over_3x_apply": ours["fuse3_s"] / (3 * ours["apply_s"]),
     }
+    strength = r.get("lora_strength")
+    if strength:
+        out["lora_strength_10x_over_1x_peak_growth"] = (strength["move_10x"]["peak_rss_growth_bytes"]
+                                                        / max(1, strength["move_1x"]["peak_rss_growth_bytes"]))
     if peft:
         out.update(
             peft_switch_over_ours=peft["switch_s"] / ours["switch_s"],
@@ -273,13 +332,17 @@ def main(argv=None) -> dict:
                                 "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        adapters = [random_adapter(weights, "rand", rank=args.rank, seed=s, dtype=dtype, std=1e-3) for s in (1, 2, 3)]
-        floor = measure_floor(weights, adapters, dtype, args)  # before the snapshot: both are large
-        # only the target weights are ever written, so only they need a reference copy
-        base = {k.removeprefix("unet.") + ".weight": w.detach().clone() for k, w in weights.items()}
-        results["ours"] = {**floor, **bench_ours(unet, weights, adapters, args, folder, base)}
-        del adapters
+        files = []
+        for i, seed in enumerate((1, 2, 3)):  # one adapter in memory at a time
+            adapter = random_adapter(weights, "rand", rank=args.rank, seed=seed, dtype=dtype, std=1e-3)
+            files.append(adapter.save(folder / f"shira_{i}.safetensors"))
+            del adapter
+        results["ours"] = {**measure_floor(weights, files, dtype, args)}
+        base = Reference(weights, folder)  # on disk: only the target weights are ever written
+        results["ours"].update(bench_ours(unet, weights, files, args, base))
         print("ours", json.dumps(results["ours"]), flush=True)
+        results["lora_strength"] = bench_lora_strength(unet, weights, args, dtype)
+        print("lora_strength", json.dumps(results["lora_strength"]), flush=True)
         results["diffusers_lora"] = bench_diffusers_lora(unet, weights, args, dtype, folder, base)
         print("diffusers_lora", json.dumps(results["diffusers_lora"]), flush=True)
         if not args.skip_peft:

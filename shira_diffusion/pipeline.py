@@ -89,9 +89,7 @@ class ShiraPipelineSwitcher:
         from .engine import ShiraEngine
 
         self.pipe = pipe
-        self.engine = ShiraEngine(pipe)
-        self._info: dict[str, dict] = {}
-        self._adapters: dict[str, object] = {}  # for weight-space comparisons
+        self.engine = ShiraEngine(pipe)  # its store holds each adapter with what is said of it here
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -124,33 +122,34 @@ class ShiraPipelineSwitcher:
 
     # ---- the adapter library ---------------------------------------------------------------------
     def load_adapter(self, adapter, adapter_name: str | None = None, max_bytes: int | None = None) -> str:
-        """Validate an adapter against the pipeline and stage it; returns its name.
+        """Validate an adapter against the pipeline and load it; returns its name.
 
         ``adapter`` is a SHiRA file, a PEFT SHiRA folder, a LoRA file, or a ``SparseAdapter`` /
         ``LoraAdapter``. A mismatch (fingerprint, shapes, unknown modules) raises ``AdapterError``
-        and leaves the pipeline and the library as they were.
+        and leaves the pipeline and the library as they were. SHiRA files and PEFT folders are
+        read, decoded and validated without the generation lock, so a running generation goes
+        on; LoRA files are parsed by diffusers on the pipeline itself, which takes the lock.
         """
-        from .adapter import AdapterError, SparseAdapter, fingerprint
-        from .interop import load_any
+        from .adapter import AdapterError, fingerprint
+        from .interop import file_kind, load_any
 
         source = None
-        with self.engine.lock:
-            if not hasattr(adapter, "deltas"):
-                source = Path(adapter)
+        if not hasattr(adapter, "deltas"):
+            source = Path(adapter)
+            if file_kind(source) in ("shira", "peft", "unreadable"):
                 adapter = load_any(source, self.pipe, max_bytes=max_bytes)
-            name = adapter_name or (source.stem if source is not None else f"adapter_{len(self._info)}")
-            if name in self._info:
-                raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
-            expected = adapter.metadata.get("fingerprint") if isinstance(adapter, SparseAdapter) else None
-            if expected:
-                shapes = {}
-                for key in adapter.deltas:
-                    shapes[key] = tuple(self.engine.weight(key).shape)
-                if fingerprint(shapes) != expected:
-                    raise AdapterError(f"{name}: made for another model (fingerprint {expected} != {fingerprint(shapes)} here)")
-            self.engine.stage(name, adapter)
-            self._info[name] = self._describe(adapter, source)
-            self._adapters[name] = adapter
+            else:
+                with self.engine.lock:
+                    adapter = load_any(source, self.pipe, max_bytes=max_bytes)
+        name = adapter_name or (source.stem if source is not None else f"adapter_{len(self.engine.staged)}")
+        if name in self.engine.store:
+            raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+        expected = adapter.metadata.get("fingerprint")
+        if expected:
+            here = fingerprint({key: tuple(self.engine.weight(key).shape) for key in adapter.deltas})
+            if here != expected:
+                raise AdapterError(f"{name}: made for another model (fingerprint {expected} != {here} here)")
+        self.engine.stage(name, adapter, self._describe(adapter, source))
         return name
 
     @staticmethod
@@ -174,22 +173,23 @@ class ShiraPipelineSwitcher:
 
     def get_adapter(self, name: str):
         """The loaded ``SparseAdapter`` / ``LoraAdapter`` object itself (for analysis)."""
-        return self._adapters[name]
+        return self.engine.store.get(name).adapter
 
     def list_adapters(self) -> dict[str, dict]:
-        """``{name: metadata}`` for every loaded adapter (all fit the pipeline: they were checked)."""
+        """``{name: metadata}`` for every loaded adapter (all fit the pipeline: they were checked),
+        with ``active`` and the bytes it holds now on the host and on the weights' device."""
         with self.engine.lock:
-            return {name: dict(info, active=name in self.engine.active) for name, info in self._info.items()}
+            memory, active = self.engine.memory(), self.engine.active
+            return {name: dict(self.engine.store.get(name).info, active=name in active, **memory[name]) for name in memory}
 
     def delete_adapters(self, adapter_names: str | list[str]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         with self.engine.lock:
-            missing = [n for n in names if n not in self._info]
+            missing = [n for n in names if n not in self.engine.store]
             if missing:
                 raise KeyError(f"no adapter named {missing[0]!r} is loaded")
             for name in names:
                 self.engine.unstage(name)
-                del self._info[name], self._adapters[name]
 
     # ---- switching -------------------------------------------------------------------------------
     @staticmethod

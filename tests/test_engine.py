@@ -7,6 +7,7 @@ import torch
 from conftest import assert_same_state, snapshot
 from shira_diffusion import AdapterError, ShiraEngine, SparseAdapter, SparseDelta, find_targets
 from shira_diffusion.testing import random_adapter, reference_weights, tiny_sdxl_unet
+from shira_diffusion.writer import WeightWriter
 
 
 def check_state(unet, base_state, adapters, scales):
@@ -98,13 +99,13 @@ def test_switch_touches_only_the_union_of_both_sets(monkeypatch):
     engine.apply("a0")
     writes: dict[str, set] = {}
     names = {id(w.detach().view(-1).untyped_storage()): k for k, w in find_targets({"unet": unet}).items()}
-    original = ShiraEngine._write
+    original = WeightWriter._write
 
     def recording(flat, idx, values):
         writes.setdefault(names[id(flat.untyped_storage())], set()).update(idx.tolist())
         original(flat, idx, values)
 
-    monkeypatch.setattr(ShiraEngine, "_write", staticmethod(recording))
+    monkeypatch.setattr(WeightWriter, "_write", staticmethod(recording))
     engine.apply("a1")
     a, b = adapters["a0"], adapters["a1"]
     assert set(writes) <= a.deltas.keys() | b.deltas.keys()
@@ -153,7 +154,7 @@ def test_exception_mid_switch_rolls_back_every_weight(monkeypatch, fail_at):
     engine.apply({"a0": 1.0, "a2": 0.5})
     before = snapshot(unet)
     calls = {"n": 0}
-    original = ShiraEngine._write
+    original = WeightWriter._write
 
     def flaky(flat, idx, values):
         calls["n"] += 1
@@ -161,10 +162,10 @@ def test_exception_mid_switch_rolls_back_every_weight(monkeypatch, fail_at):
             raise RuntimeError("injected failure")
         original(flat, idx, values)
 
-    monkeypatch.setattr(ShiraEngine, "_write", staticmethod(flaky))
+    monkeypatch.setattr(WeightWriter, "_write", staticmethod(flaky))
     with pytest.raises(RuntimeError, match="injected failure"):
         engine.apply({"a1": 1.0})
-    monkeypatch.setattr(ShiraEngine, "_write", staticmethod(original))
+    monkeypatch.setattr(WeightWriter, "_write", staticmethod(original))
     assert_same_state(unet, before)
     assert engine.active == {"a0": 1.0, "a2": 0.5}
     engine.apply("a1")
@@ -213,13 +214,21 @@ def test_unstage_active_adapter_keeps_the_rest_applied():
     assert_same_state(unet, base)
 
 
-def test_moving_weights_after_staging_is_refused_without_writing():
+def test_moving_the_model_after_loading_or_while_applied_stays_exact():
+    """Nothing is kept on the weights' device for a loaded adapter, and the undo log follows a
+    weight that moves (model offload moves the UNet to the GPU and back on every call)."""
     unet, engine, adapters = make_setup()
-    unet.to(torch.float16)
-    before = snapshot(unet)
-    with pytest.raises(RuntimeError, match="unload and reload the adapters after moving the model"):
-        engine.apply("a0")
-    assert_same_state(unet, before)
+    unet.to(torch.float16)  # after loading
+    base16 = snapshot(unet)
+    engine.apply({"a0": 1.0, "a1": 0.5})
+    check_state(unet, base16, adapters, {"a0": 1.0, "a1": 0.5})
+    for p in unet.parameters():  # moved while applied: new storage for every weight, as .to(device) gives
+        p.data = p.data.clone()
+    engine.apply("a2")
+    check_state(unet, base16, adapters, {"a2": 1.0})
+    unet.to(torch.float32)  # a dtype change while applied: restore gives the base as that dtype
+    engine.restore()
+    assert_same_state(unet, {k: v.float() for k, v in base16.items()})
 
 
 def test_concurrent_switching_never_tears_state():

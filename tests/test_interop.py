@@ -156,7 +156,7 @@ def test_lora_and_shira_fuse_together_and_restore_exactly(tmp_path):
     engine.apply("s")
     engine.stage("l", read_lora(tmp_path / "k.safetensors", pipe))  # staged while SHiRA is applied
     key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    lora = engine._staged["l"][key].delta
+    lora = engine.store.get("l").adapter.deltas[key]
     engine.apply({"s": 0.5, "l": 2.0})
     w = pipe.unet.get_submodule(key.removeprefix("unet.")).weight.view(-1)
     want = base[key.removeprefix("unet.") + ".weight"].view(-1).clone()

@@ -1,0 +1,162 @@
+"""Loaded adapters in compact host form: what a loaded, inactive adapter costs.
+
+The store knows nothing of modules or weights. It keeps, per adapter and per target weight, an
+:class:`Entry` that can give its delta on any device: SHiRA entries as int32 indices (every SDXL
+weight has fewer than 2**31 entries) plus values in the file's dtype, LoRA entries as their two
+factors. Host tensors are pinned when CUDA is available, so uploading them to a GPU is a
+``non_blocking`` copy. It has its own small lock, so loading an adapter never waits for a
+generation that holds the weights' lock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from .adapter import AdapterError, SparseAdapter
+from .lora import LoraAdapter, LoraDelta
+
+
+def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    t = t.detach().to("cpu").contiguous()
+    return t.pin_memory() if pin and not t.is_pinned() else t
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseEntry:
+    """SHiRA: ``weight.view(-1)[indices] += values``."""
+
+    indices: torch.Tensor  # int32 (int64 only for a weight of 2**31 entries or more), host
+    values: torch.Tensor  # the file's dtype, host
+    shape: tuple[int, ...]
+
+    dense = False
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.indices, self.values)
+
+    @property
+    def entries(self) -> int:
+        return self.indices.numel()
+
+    def indices_on(self, device: torch.device) -> torch.Tensor:
+        """int64 on ``device`` (what ``index_copy_`` needs), a transient copy."""
+        return self.indices.to(device, non_blocking=True).long()
+
+    def scaled(self, device: torch.device, acc: torch.dtype, scale: float) -> torch.Tensor:
+        values = self.values.to(device, acc, non_blocking=True)  # may be the stored tensor itself: never in place
+        return values if scale == 1.0 else values * scale  # x * 1.0 == x: skip the multiply
+
+
+@dataclass(frozen=True, eq=False)
+class DenseEntry:
+    """LoRA: ``weight += scale * up @ down`` over the whole (flattened) weight."""
+
+    down: torch.Tensor  # (rank, in), host
+    up: torch.Tensor  # (out, rank), host
+    lora_scale: float
+    shape: tuple[int, ...]
+
+    dense = True
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.down, self.up)
+
+    @property
+    def entries(self) -> int:
+        return math.prod(self.shape)
+
+    def indices_on(self, device: torch.device) -> None:
+        return None
+
+    def scaled(self, device: torch.device, acc: torch.dtype, scale: float) -> torch.Tensor:
+        up = self.up.to(device, non_blocking=True).to(acc)
+        down = self.down.to(device, non_blocking=True).to(acc)
+        dense = (up @ down).mul_(self.lora_scale).view(-1)  # the LoRA's own delta, then the set's scale on it
+        return dense if scale == 1.0 else dense.mul_(scale)
+
+
+Entry = SparseEntry | DenseEntry
+
+
+def entries_of(adapter: SparseAdapter | LoraAdapter, pin: bool = False) -> dict[str, Entry]:
+    """The compact host form of a validated adapter."""
+    out: dict[str, Entry] = {}
+    for key, delta in adapter.deltas.items():
+        if isinstance(delta, LoraDelta):
+            out[key] = DenseEntry(_host(delta.down, pin), _host(delta.up, pin), float(delta.scale), delta.shape)
+        else:
+            narrow = torch.int32 if math.prod(delta.shape) < 2**31 else torch.int64
+            out[key] = SparseEntry(_host(delta.indices.to(narrow), pin), _host(delta.values, pin), delta.shape)
+    return out
+
+
+@dataclass(eq=False)
+class Stored:
+    """One loaded adapter: its entries, the object it came from (for analysis) and facts about it."""
+
+    name: str
+    entries: dict[str, Entry]
+    adapter: Any
+    info: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+
+class AdapterStore:
+    """``{name: Stored}`` with a byte budget on what it holds (``None``: no limit)."""
+
+    def __init__(self, max_bytes: int | None = None, pin: bool | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.lock = threading.RLock()
+        self._items: dict[str, Stored] = {}
+
+    def add(self, name: str, adapter: SparseAdapter | LoraAdapter, info: Mapping | None = None) -> Stored:
+        """Convert (outside any lock: this is the slow part) and publish under ``name``."""
+        stored = Stored(name, entries_of(adapter, self.pin), adapter, dict(info or {}))
+        with self.lock:
+            if name in self._items:
+                raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+            if self.max_bytes is not None and self.nbytes + stored.nbytes > self.max_bytes:
+                raise AdapterError(f"{name}: loading it would hold {self.nbytes + stored.nbytes:,} bytes of adapters, "
+                                   f"over the store's budget of {self.max_bytes:,}; delete some first")
+            self._items[name] = stored
+        return stored
+
+    def remove(self, name: str) -> Stored:
+        with self.lock:
+            if name not in self._items:
+                raise KeyError(f"no adapter named {name!r} is loaded")
+            return self._items.pop(name)
+
+    def get(self, name: str) -> Stored:
+        with self.lock:
+            if name not in self._items:
+                raise KeyError(f"no adapter named {name!r} is loaded (loaded: {sorted(self._items)})")
+            return self._items[name]
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return list(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        with self.lock:
+            return name in self._items
+
+    @property
+    def nbytes(self) -> int:
+        with self.lock:
+            return sum(s.nbytes for s in self._items.values())

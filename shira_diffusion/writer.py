@@ -1,0 +1,283 @@
+"""The one owner of the adapted weights: writes a set of adapter entries into them, keeps an undo
+log of exactly what it overwrote, and puts that back.
+
+* The undo log is captured when a set is written, on the device the weight is on, and holds only
+  what the active set overwrote: a loaded, inactive adapter costs the writer nothing. LoRA
+  entries cover whole weights, so their undo is a full copy of the weight, kept on the host
+  (pinned on CUDA) within ``max_backup_bytes``.
+* Restoring writes the saved originals back (``index_copy_`` / ``copy_``); nothing is ever
+  subtracted, so no round-off accumulates in any dtype. If the model moved (model offload puts
+  the UNet on the GPU for a call and back), the originals follow the weight to its device.
+* Fusing sums the scaled deltas in fp32 (or wider) in adapter-name order into a dense scratch of
+  the weight's size (``index_add_``: each adapter's indices are unique, so this is deterministic
+  on CUDA too), adds them to the originals and casts once: the same bits whether a set is new or
+  was written before, with no per-set layouts to build or cache.
+* A write is transactional: everything is checked before the first write, and an error part-way
+  puts every touched weight back to the previous set's exact values.
+* Under accelerate's offload hooks (``enable_sequential_cpu_offload``: parameters on ``meta``
+  between forwards) the writer writes the hook's CPU weight map, which every forward loads from.
+  A weight it cannot write for real is an :class:`AdapterError`, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple
+
+import torch
+from torch import nn
+
+from .adapter import AdapterError, split_key
+from .store import Entry
+from .targets import pipeline_components
+
+
+class Member(NamedTuple):
+    """One adapter's part in what a weight should hold."""
+
+    name: str
+    entry: Entry
+    scale: float
+
+
+Plan = Mapping[str, tuple[Member, ...]]  # key -> members in adapter-name order
+
+
+@dataclass(eq=False)
+class _Undo:
+    """What writing one weight overwrote: ``(indices, originals)`` per sparse member, or one full copy."""
+
+    members: tuple[Member, ...]
+    records: list[tuple[str, torch.Tensor | None, torch.Tensor]] = field(default_factory=list)  # (name, int32 idx | None, orig)
+
+    @property
+    def backup(self) -> torch.Tensor | None:
+        return next((orig for _, idx, orig in self.records if idx is None), None)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _same(a: tuple[Member, ...] | None, b: tuple[Member, ...] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(x.name == y.name and x.entry is y.entry and x.scale == y.scale for x, y in zip(a, b))
+
+
+def _put(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> None:
+    if idx is None:
+        flat.copy_(values)
+    else:
+        flat.index_copy_(0, idx, values)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class WeightWriter:
+    """Writes :data:`Plan` s into the weights of ``components`` (a pipeline or ``{"unet": module, ...}``)."""
+
+    def __init__(self, components: Any, max_backup_bytes: int | None = None) -> None:
+        self.components = pipeline_components(components)
+        self.max_backup_bytes = max_backup_bytes
+        self._modules: dict[str, nn.Module] = {}
+        self._undo: dict[str, _Undo] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    # ---- the weights ------------------------------------------------------------------------------
+    def module(self, key: str) -> nn.Module:
+        if key not in self._modules:
+            component, path = split_key(key)
+            if component not in self.components:
+                raise AdapterError(f"{key}: the model has no {component!r}")
+            try:
+                module = self.components[component].get_submodule(path)
+            except AttributeError:
+                raise AdapterError(f"{key}: no such module in the model's {component}") from None
+            if not isinstance(getattr(module, "weight", None), torch.Tensor):
+                raise AdapterError(f"{key}: module {type(module).__name__} has no weight tensor")
+            parent = self.components[component].get_submodule(path.rpartition(".")[0]) if "." in path else None
+            if getattr(parent, "fused_projections", False):
+                raise AdapterError(f"{key}: its attention was fused by fuse_qkv_projections(), which computes from a copy; "
+                                   "call unfuse_qkv_projections() before loading adapters")
+            self._modules[key] = module
+        return self._modules[key]
+
+    def weight(self, key: str) -> torch.Tensor:
+        """The module's weight parameter (on ``meta`` under sequential offload): for shapes."""
+        return self.module(key).weight
+
+    def live(self, key: str) -> torch.Tensor:
+        """The tensor that holds the weight for real, flattened: the parameter itself, or the CPU
+        copy in an accelerate offload hook's weight map."""
+        module = self.module(key)
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", (hook,)) if hook is not None else ():
+            weights_map = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
+            if weights_map is None:
+                continue
+            dataset, name = getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + "weight"
+            if hasattr(dataset, "index") and name not in getattr(dataset, "state_dict", {}):
+                raise AdapterError(f"{key}: the weight is offloaded to disk (a memory map the engine cannot write for good); "
+                                   "offload to the CPU instead (enable_sequential_cpu_offload / enable_model_cpu_offload)")
+            try:
+                tensor = weights_map["weight"]
+            except KeyError:
+                continue
+            return self._checked(key, tensor)
+        return self._checked(key, module.weight)
+
+    @staticmethod
+    def _checked(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "meta":
+            raise AdapterError(f"{key}: the weight is on the meta device with no offload map the engine can write "
+                               "(not loaded yet, or offloaded by something other than accelerate's CPU offload hooks)")
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{key}: the weight is {tensor.dtype} (quantized?); adapters write floating-point weights only")
+        if not tensor.is_contiguous():
+            raise AdapterError(f"{key}: the model's weight is not contiguous; cannot adapt it in place")
+        return tensor.detach().view(-1)
+
+    def check(self, key: str, shape: tuple[int, ...]) -> None:
+        """Raise unless ``key`` names a weight of ``shape`` that the writer can write for real."""
+        have = tuple(self.weight(key).shape)
+        if have != tuple(shape):
+            raise AdapterError(f"{key}: shape mismatch, adapter {tuple(shape)} vs model {have}")
+        self.live(key)
+
+    # ---- writing --------------------------------------------------------------------------------
+    @property
+    def written(self) -> dict[str, tuple[Member, ...]]:
+        return {key: undo.members for key, undo in self._undo.items()}
+
+    @torch.no_grad()
+    def write(self, plan: Plan) -> list[torch.device]:
+        """Make the weights hold ``plan`` (keys not in it: the base); returns the devices written."""
+        old = self.written
+        keys = [k for k in dict.fromkeys([*old, *plan]) if not _same(old.get(k), plan.get(k))]
+        flats = {key: self.live(key) for key in keys}  # every check before the first write
+        self._check_backup_budget(plan, keys, flats)
+        touched: list[str] = []
+        try:
+            for key in keys:
+                touched.append(key)
+                backup = self._restore(key, flats[key], self._write)
+                if key in plan:
+                    self._apply(key, flats[key], plan[key], backup, self._write)
+        except BaseException:
+            self._roll_back(touched, flats, old)
+            raise
+        return sorted({f.device for f in flats.values()}, key=str)
+
+    def restore_all(self) -> None:
+        self.write({})
+
+    def _check_backup_budget(self, plan: Plan, keys: list[str], flats: dict[str, torch.Tensor]) -> None:
+        if self.max_backup_bytes is None:
+            return
+        dense = {k for k in self._undo if self._undo[k].backup is not None} - set(keys)
+        dense |= {k for k in keys if any(m.entry.dense for m in plan.get(k, ()))}
+        need = sum(_nbytes(flats[k]) if k in flats else _nbytes(self._undo[k].backup) for k in dense)
+        if need > self.max_backup_bytes:
+            raise AdapterError(f"this set needs {need:,} bytes of full-weight copies for exact restore (LoRA-covered weights), "
+                               f"over the budget of {self.max_backup_bytes:,}; raise it or fuse fewer LoRAs")
+
+    def _restore(self, key: str, flat: torch.Tensor, put) -> torch.Tensor | None:
+        """Write ``key``'s originals back; returns its full-weight copy if it had one (for reuse)."""
+        undo = self._undo.get(key)
+        if undo is None:
+            return None
+        for _, idx, orig in reversed(undo.records):
+            index = None if idx is None else idx.to(flat.device, non_blocking=True).long()
+            put(flat, index, orig.to(flat.device, flat.dtype, non_blocking=True))
+        del self._undo[key]  # only once all of it is back: a failure part-way leaves the log for the rollback
+        return undo.backup
+
+    def _apply(self, key: str, flat: torch.Tensor, members: tuple[Member, ...], backup: torch.Tensor | None, put) -> None:
+        """Write ``members`` into a weight that holds its base values now; log what was overwritten."""
+        undo = self._undo[key] = _Undo(members)
+        acc = _accumulate_dtype(flat.dtype)
+        device = flat.device
+        if any(m.entry.dense for m in members):
+            if backup is None or backup.numel() != flat.numel() or backup.dtype != flat.dtype:
+                backup = self._host_copy(flat)
+            undo.records.append((next(m.name for m in members if m.entry.dense), None, backup))
+            total = torch.zeros(flat.numel(), dtype=acc, device=device)
+            for m in members:
+                idx = m.entry.indices_on(device)
+                if idx is None:
+                    total += m.entry.scaled(device, acc, m.scale)
+                else:
+                    total.index_add_(0, idx, m.entry.scaled(device, acc, m.scale))
+            put(flat, None, (flat.to(acc) + total).to(flat.dtype))
+            return
+        if len(members) == 1:
+            m = members[0]
+            idx = m.entry.indices_on(device)
+            orig = flat.index_select(0, idx)
+            undo.records.append((m.name, self._kept_indices(m.entry, device), orig))
+            put(flat, idx, (orig.to(acc) + m.entry.scaled(device, acc, m.scale)).to(flat.dtype))
+            return
+        indices = [m.entry.indices_on(device) for m in members]
+        for m, idx in zip(members, indices):  # every original before any write: overlaps save the same base value
+            undo.records.append((m.name, self._kept_indices(m.entry, device), flat.index_select(0, idx)))
+        scratch = self._scratch_for(device, acc, flat.numel())
+        try:
+            for m, idx in zip(members, indices):
+                scratch.index_add_(0, idx, m.entry.scaled(device, acc, m.scale))
+            for (_, _, orig), idx in zip(undo.records, indices):
+                put(flat, idx, (orig.to(acc) + scratch.index_select(0, idx)).to(flat.dtype))
+        finally:
+            for idx in indices:
+                scratch.index_fill_(0, idx, 0)
+
+    @staticmethod
+    def _kept_indices(entry: Entry, device: torch.device) -> torch.Tensor:
+        """The undo log's indices: the store's own int32 tensor where the weight is on the host, else a device copy."""
+        return entry.indices if entry.indices.device == device else entry.indices.to(device, non_blocking=True)
+
+    @staticmethod
+    def _host_copy(flat: torch.Tensor) -> torch.Tensor:
+        if flat.device.type == "cpu":
+            return flat.clone()
+        out = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=torch.cuda.is_available())
+        return out.copy_(flat, non_blocking=True)
+
+    def _scratch_for(self, device: torch.device, acc: torch.dtype, numel: int) -> torch.Tensor:
+        """A zero-filled buffer, kept zero between uses (only the entries used are cleared)."""
+        buf = self._scratch.get((device, acc))
+        if buf is None or buf.numel() < numel:
+            buf = self._scratch[(device, acc)] = torch.zeros(numel, dtype=acc, device=device)
+        return buf[:numel]
+
+    def _roll_back(self, touched: list[str], flats: dict[str, torch.Tensor], old: dict[str, tuple[Member, ...]]) -> None:
+        """Back to ``old`` exactly: the base on every touched weight, then the old members again."""
+        for scratch in self._scratch.values():
+            scratch.zero_()
+        for key in touched:
+            self._restore(key, flats[key], _put)
+        for key in touched:
+            if key in old:
+                self._apply(key, flats[key], old[key], None, _put)
+
+    @staticmethod
+    def _write(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> None:
+        """Every write of a switch goes through here (tests wrap it to count or to fail)."""
+        _put(flat, idx, values)
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def held_bytes(self) -> dict[str, dict[str, int]]:
+        """``{adapter: {"host": bytes, "device": bytes}}`` held by the undo log now (indices shared
+        with the store on the host are not counted twice)."""
+        out: dict[str, dict[str, int]] = {}
+        for undo in self._undo.values():
+            entries = {m.name: m.entry for m in undo.members}
+            for name, idx, orig in undo.records:
+                held = out.setdefault(name, {"host": 0, "device": 0})
+                for t in (orig, idx):
+                    if t is None or (t is idx and t is getattr(entries[name], "indices", None)):
+                        continue
+                    held["host" if t.device.type == "cpu" else "device"] += _nbytes(t)
+        return out
