@@ -85,11 +85,13 @@ class ShiraPipelineSwitcher:
 
     _KEEP = object()
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, max_adapter_bytes: int | None = None, max_backup_bytes: int | None = None) -> None:
+        """``max_adapter_bytes`` bounds the host memory of loaded adapters, ``max_backup_bytes`` the
+        host copies of LoRA-covered weights kept for exact restore (``None``: no limit)."""
         from .engine import ShiraEngine
 
         self.pipe = pipe
-        self.engine = ShiraEngine(pipe)  # its store holds each adapter with what is said of it here
+        self.engine = ShiraEngine(pipe, max_store_bytes=max_adapter_bytes, max_backup_bytes=max_backup_bytes)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod

@@ -76,6 +76,40 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class _Workspace:
+    """Reused buffers for a write's transient tensors (int64 indices, fp32 sums, casts) and a pool
+    of the originals a restore gave back: fresh allocations of this size cost page faults that
+    are as slow as the scatter itself on a CPU. Emptied at the end of every write."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, torch.Tensor] = {}
+        self._pool: dict[tuple, list[torch.Tensor]] = {}
+
+    def buf(self, slot: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (slot, dtype, device)
+        have = self._bufs.get(key)
+        if have is None or have.numel() < n:
+            have = self._bufs[key] = torch.empty(max(n, 2 * (have.numel() if have is not None else 0)), dtype=dtype, device=device)
+        return have[:n]
+
+    def long(self, slot: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``idx`` as int64 on ``device`` (what ``index_copy_`` needs)."""
+        if idx.dtype == torch.int64 and idx.device == device:
+            return idx
+        return self.buf(f"idx{slot}", idx.numel(), torch.int64, device).copy_(idx, non_blocking=True)
+
+    def give(self, t: torch.Tensor) -> None:
+        self._pool.setdefault((t.numel(), t.dtype, t.device), []).append(t)
+
+    def take(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._pool.get((n, dtype, device))
+        return free.pop() if free else torch.empty(n, dtype=dtype, device=device)
+
+    def clear(self) -> None:
+        self._bufs.clear()
+        self._pool.clear()
+
+
 class WeightWriter:
     """Writes :data:`Plan` s into the weights of ``components`` (a pipeline or ``{"unet": module, ...}``)."""
 
@@ -85,6 +119,7 @@ class WeightWriter:
         self._modules: dict[str, nn.Module] = {}
         self._undo: dict[str, _Undo] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._ws = _Workspace()
 
     # ---- the weights ------------------------------------------------------------------------------
     def module(self, key: str) -> nn.Module:
@@ -169,6 +204,8 @@ class WeightWriter:
         except BaseException:
             self._roll_back(touched, flats, old)
             raise
+        finally:
+            self._ws.clear()
         return sorted({f.device for f in flats.values()}, key=str)
 
     def restore_all(self) -> None:
@@ -190,9 +227,12 @@ class WeightWriter:
         if undo is None:
             return None
         for _, idx, orig in reversed(undo.records):
-            index = None if idx is None else idx.to(flat.device, non_blocking=True).long()
+            index = None if idx is None else self._ws.long("r", idx, flat.device)
             put(flat, index, orig.to(flat.device, flat.dtype, non_blocking=True))
         del self._undo[key]  # only once all of it is back: a failure part-way leaves the log for the rollback
+        for _, idx, orig in undo.records:
+            if idx is not None:
+                self._ws.give(orig)  # the next weight of this write may reuse it
         return undo.backup
 
     def _apply(self, key: str, flat: torch.Tensor, members: tuple[Member, ...], backup: torch.Tensor | None, put) -> None:
@@ -213,25 +253,44 @@ class WeightWriter:
                     total.index_add_(0, idx, m.entry.scaled(device, acc, m.scale))
             put(flat, None, (flat.to(acc) + total).to(flat.dtype))
             return
-        if len(members) == 1:
-            m = members[0]
-            idx = m.entry.indices_on(device)
-            orig = flat.index_select(0, idx)
-            undo.records.append((m.name, self._kept_indices(m.entry, device), orig))
-            put(flat, idx, (orig.to(acc) + m.entry.scaled(device, acc, m.scale)).to(flat.dtype))
-            return
-        indices = [m.entry.indices_on(device) for m in members]
+        ws = self._ws
+        indices = [ws.long(str(i), m.entry.indices, device) for i, m in enumerate(members)]
         for m, idx in zip(members, indices):  # every original before any write: overlaps save the same base value
-            undo.records.append((m.name, self._kept_indices(m.entry, device), flat.index_select(0, idx)))
+            orig = torch.index_select(flat, 0, idx, out=ws.take(idx.numel(), flat.dtype, device))
+            undo.records.append((m.name, self._kept_indices(m.entry, device), orig))
+        if len(members) == 1:
+            m, (_, _, orig), idx = members[0], undo.records[0], indices[0]
+            delta = self._delta(m, idx.numel(), acc, device)
+            put(flat, idx, self._cast(self._plus(orig, delta, acc), flat.dtype))
+            return
         scratch = self._scratch_for(device, acc, flat.numel())
         try:
             for m, idx in zip(members, indices):
-                scratch.index_add_(0, idx, m.entry.scaled(device, acc, m.scale))
+                scratch.index_add_(0, idx, self._delta(m, idx.numel(), acc, device))
             for (_, _, orig), idx in zip(undo.records, indices):
-                put(flat, idx, (orig.to(acc) + scratch.index_select(0, idx)).to(flat.dtype))
+                summed = torch.index_select(scratch, 0, idx, out=ws.buf("sum", idx.numel(), acc, device))
+                put(flat, idx, self._cast(self._plus(orig, summed, acc), flat.dtype))
         finally:
             for idx in indices:
                 scratch.index_fill_(0, idx, 0)
+
+    def _delta(self, m: Member, n: int, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``scale * values`` of a sparse member in ``acc`` (never the stored tensor modified)."""
+        values = m.entry.values
+        if values.dtype != acc or values.device != device:
+            values = self._ws.buf("delta", n, acc, device).copy_(values, non_blocking=True)
+        return values if m.scale == 1.0 else torch.mul(values, m.scale, out=self._ws.buf("scaled", n, acc, device))
+
+    def _plus(self, orig: torch.Tensor, delta: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        """``orig + delta`` in ``acc``, into a reused buffer."""
+        out = self._ws.buf("plus", orig.numel(), acc, orig.device)
+        if orig.dtype == acc:
+            return torch.add(orig, delta, out=out)
+        return out.copy_(orig).add_(delta)
+
+    def _cast(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Cast once, into a reused buffer."""
+        return values if values.dtype == dtype else self._ws.buf("cast", values.numel(), dtype, values.device).copy_(values)
 
     @staticmethod
     def _kept_indices(entry: Entry, device: torch.device) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import assert_same_state, snapshot
-from shira_diffusion import AdapterError, ShiraEngine, ShiraPipelineSwitcher, find_targets
+from shira_diffusion import AdapterError, ShiraPipelineSwitcher, find_targets
 from shira_diffusion.testing import kohya_lora_file, random_adapter, tiny_sdxl_pipeline
 
 
@@ -156,9 +156,7 @@ def test_changing_a_lora_strength_ten_times_holds_what_one_change_holds(adapter_
 
 def test_full_weight_copies_stay_within_their_budget(adapter_files):
     pipe = tiny_sdxl_pipeline(seed=0)
-    engine = ShiraEngine(pipe, max_backup_bytes=1000)
-    sw = ShiraPipelineSwitcher(pipe)
-    sw.engine = engine
+    sw = ShiraPipelineSwitcher(pipe, max_backup_bytes=1000)
     sw.load_adapter(adapter_files[2])
     base = snapshot(pipe.unet)
     with pytest.raises(AdapterError, match="over the budget of 1,000"):
@@ -167,8 +165,7 @@ def test_full_weight_copies_stay_within_their_budget(adapter_files):
 
 
 def test_store_budget_refuses_an_adapter_that_does_not_fit(adapter_files):
-    sw = ShiraPipelineSwitcher(tiny_sdxl_pipeline(seed=0))
-    sw.engine.store.max_bytes = 10_000
+    sw = ShiraPipelineSwitcher(tiny_sdxl_pipeline(seed=0), max_adapter_bytes=10_000)
     with pytest.raises(AdapterError, match="over the store's budget of 10,000"):
         sw.load_adapter(adapter_files[0])
     assert sw.list_adapters() == {}
