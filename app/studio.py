@@ -121,8 +121,9 @@ class Studio:
         for name, info in self.switcher.list_adapters().items():
             density = f"{info['density']:.3%}" if info.get("density") is not None else f"rank {info.get('rank')}"
             size = f"{info['bytes'] / 2**20:.2f} MB" if info.get("bytes") else "-"
+            held = f"{info['host_bytes'] / 2**20:.2f} MB" + (f" + {info['device_bytes'] / 2**20:.2f} MB GPU" if info["device_bytes"] else "")
             rows.append([name, info["kind"], info.get("mask") or "-", density, f"{info['params']:,}", size, info["dtype"],
-                         "yes", "yes" if info["active"] else ""])
+                         "yes", "yes" if info["active"] else "", held])
         return rows
 
     def generate(self, prompt: str, negative: str, seed: int, steps: int, guidance: float, adapters: dict[str, float] | None,
@@ -274,7 +275,7 @@ def build_ui(studio: Studio):
                     c_file = gr.File(label="Download grid (PNG)")
         with gr.Tab("Library"):
             table = gr.Dataframe(
-                headers=["name", "kind", "mask", "density", "params", "size", "dtype", "fits model", "active"],
+                headers=["name", "kind", "mask", "density", "params", "size", "dtype", "fits model", "active", "memory held"],
                 value=studio.library_rows(), interactive=False,
             )
             upload_box = gr.File(label=f"Add an adapter (.safetensors, at most {studio.max_bytes // 2**20} MB)",

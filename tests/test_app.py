@@ -106,6 +106,8 @@ def test_library_rows_and_remove(studio, tmp_path):
     adapter = SparseAdapter.load(tmp_path / "a.safetensors")
     assert row[:3] == ["a", "shira", "wm"] and row[3] == f"{adapter.density:.3%}" and row[4] == f"{adapter.num_params:,}"
     assert row[7] == "yes" and row[8] == ""
+    held = studio.switcher.list_adapters()["a"]
+    assert held["device_bytes"] == 0 and row[9] == f"{held['host_bytes'] / 2**20:.2f} MB"  # its compact copy only
     studio.remove("a")
     assert studio.library_rows() == []
 

@@ -44,7 +44,7 @@ def pixels(path):
 
 
 def active_in(table) -> list[str]:
-    return [row[0] for row in table["data"] if row[-1] == "yes"]
+    return [row[0] for row in table["data"] if row[8] == "yes"]
 
 
 def test_api_generates_in_swap_and_fuse_modes(served):
