@@ -89,11 +89,11 @@ class Studio:
     def upload(self, path: str | Path, name: str = "", file_name: str | None = None) -> str:
         """An adapter from the browser: ``path`` is the server's temporary copy of ``file_name``.
         A taken name gets a ``-2``, ``-3``, ... suffix; errors name the file, never the temp path."""
-        path = Path(path)
+        path = Path(path).resolve()
         file_name = file_name or path.name
         wanted = (name or "").strip() or Path(file_name).stem
-        final, n = wanted, 1
-        while final in self.adapters:
+        final, n, taken = wanted, 1, set(self.switcher.engine.staged)  # the store's names: no wait for a generation
+        while final in taken:
             n += 1
             final = f"{wanted}-{n}"
         try:
@@ -162,7 +162,7 @@ class Studio:
         adapters: dict[str, float] = {}
         for name, weight in slots:
             adapters[name] = adapters.get(name, 0.0) + weight
-        note = f"swap adapter {swap_name} ignored: Mode is *fuse*" if swap_name and swap_name != NONE and not slots else ""
+        note = f"swap adapter {swap_name} ignored: Mode is *fuse*" if swap_name and swap_name != NONE else ""
         return adapters, note
 
     def compare(self, prompt: str, adapters: list[str], lora_pair: list[str], seeds: str, steps: int, guidance: float):
@@ -185,6 +185,13 @@ class Studio:
         out = Path(tempfile.mkdtemp(prefix="shira_compare_")) / "compare.png"
         grid.save(out)
         return grid, "\n".join(lines), str(out)
+
+
+def _private(event) -> dict:
+    """Keep a UI-only event out of the API: ``api_visibility`` (gradio 6) or ``show_api`` (4 and 5)."""
+    import inspect
+
+    return {"api_visibility": "private"} if "api_visibility" in inspect.signature(event).parameters else {"show_api": False}
 
 
 def build_ui(studio: Studio):
@@ -292,7 +299,7 @@ def build_ui(studio: Studio):
         button.click(run, [prompt, negative, seed, steps, guidance, width, height, mode, swap_name, swap_scale, *fuse_inputs],
                      [image, status, table], api_name="generate")
         for slot in fuse_inputs[::2]:  # picking an adapter for a fuse slot means fusing
-            slot.input(lambda name, current: "fuse" if name else current, [slot, mode], mode, queue=False, api_visibility="private")
+            slot.input(lambda name, current: "fuse" if name else current, [slot, mode], mode, queue=False, **_private(slot.input))
         c_button.click(run_compare, [c_prompt, c_adapters, c_lora, c_seeds, c_steps, c_guidance], [c_grid, c_report, c_file],
                        api_name="compare")
     return page.queue(default_concurrency_limit=4)

@@ -153,6 +153,30 @@ def split_key(key: str) -> tuple[str, str]:
     return component, path
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_CLIP_TOP = ("embeddings", "encoder", "final_layer_norm")  # what CLIPTextModel held under `text_model` before transformers 5
+
+
+def canonical_key(key: str) -> str:
+    """The key as diffusers' LoRA files and the original checkpoints spell it, whatever
+    transformers is installed: text-encoder paths start with ``text_model.`` (transformers 5
+    dropped that level inside ``CLIPTextModel``, not inside ``CLIPTextModelWithProjection``)."""
+    component, path = split_key(key)
+    if component in TEXT_ENCODERS and path.split(".", 1)[0] in _CLIP_TOP:
+        return f"{component}.text_model.{path}"
+    return key
+
+
+def canonical_keys(deltas: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, delta in deltas.items():
+        canon = canonical_key(key)
+        if canon in out:
+            raise AdapterError(f"{key}: the same weight as {canon} under the other text-encoder layout; give it once")
+        out[canon] = delta
+    return dict(sorted(out.items()))
+
+
 class SparseAdapter:
     """A validated set of :class:`SparseDelta` keyed by ``"<component>.<module path>"``.
 
@@ -163,7 +187,7 @@ class SparseAdapter:
     """
 
     def __init__(self, deltas: Mapping[str, SparseDelta], metadata: Mapping[str, Any] | None = None) -> None:
-        self.deltas: dict[str, SparseDelta] = dict(sorted(deltas.items()))
+        self.deltas: dict[str, SparseDelta] = canonical_keys(deltas)
         self.metadata: dict[str, Any] = {k: v for k, v in (metadata or {}).items() if k not in _RESERVED}
         self.validate()
 
@@ -224,7 +248,7 @@ class SparseAdapter:
     def _trusted(cls, deltas: Mapping[str, SparseDelta], metadata: Mapping[str, Any]) -> "SparseAdapter":
         """Build from deltas the caller has already validated (casts, the file reader)."""
         out = cls.__new__(cls)
-        out.deltas = dict(sorted(deltas.items()))
+        out.deltas = canonical_keys(deltas)
         out.metadata = {k: v for k, v in metadata.items() if k not in _RESERVED}
         return out
 
@@ -351,4 +375,7 @@ def _from_parts(header: Mapping[str, str], tensors: Mapping[str, torch.Tensor], 
         delta = SparseDelta(indices, values, tuple(shape))
         delta.validate(key, indices_checked=True)
         deltas[key] = delta
-    return SparseAdapter._trusted(deltas, metadata)
+    canon = canonical_keys(deltas)
+    if canon.keys() != deltas.keys() and metadata.get("fingerprint") == fingerprint({k: d.shape for k, d in deltas.items()}):
+        metadata["fingerprint"] = fingerprint({k: d.shape for k, d in canon.items()})  # written before keys were canonical
+    return SparseAdapter._trusted(canon, metadata)

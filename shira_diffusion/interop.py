@@ -23,7 +23,7 @@ import torch
 from .adapter import COMPONENTS, AdapterError, SparseAdapter, SparseDelta, check_file_size, portable_model_id, split_key
 from .lora import LoraAdapter, LoraDelta
 from .masks import budget
-from .targets import pipeline_components
+from .targets import installed_path, module_paths, pipeline_components
 
 PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
@@ -81,9 +81,10 @@ def read_peft_shira(path: str | os.PathLike, component: str = "unet", model: Any
             raise AdapterError(f"{key}: float shira_indices are not whole numbers")
         pairs = pairs.long()
         if shapes is not None:
-            if path_in_model not in shapes:
+            found = [p for p in module_paths(key) if p in shapes]  # a folder written under either text-encoder layout
+            if not found:
                 raise AdapterError(f"{key}: no such module in the model")
-            shape = shapes[path_in_model]
+            shape = shapes[found[0]]
         else:
             shape = _infer_shape(key, pairs, values.numel(), r)
         if int(pairs.min()) < 0 or int(pairs[0].max()) >= shape[0] or int(pairs[1].max()) >= shape[1]:
@@ -108,7 +109,7 @@ def write_peft_shira(adapter: SparseAdapter, path: str | os.PathLike, component:
     """Write ``component``'s deltas as a PEFT SHiRA folder that ``PeftModel.from_pretrained`` loads."""
     from safetensors.torch import save_file
 
-    parts = {k.split(".", 1)[1]: d for k, d in adapter.deltas.items() if split_key(k)[0] == component}
+    parts = {installed_path(k): d for k, d in adapter.deltas.items() if split_key(k)[0] == component}
     if not parts:
         raise AdapterError(f"the adapter has no {component!r} weights")
     for module, d in parts.items():

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapter import AdapterError, split_key
+from .adapter import AdapterError, canonical_keys, split_key
 
 
 @dataclass
@@ -64,7 +64,7 @@ class LoraAdapter:
     """A validated set of :class:`LoraDelta` keyed like :class:`SparseAdapter` (``"unet.<path>"``)."""
 
     def __init__(self, deltas: Mapping[str, LoraDelta], metadata: Mapping[str, Any] | None = None) -> None:
-        self.deltas = dict(sorted(deltas.items()))
+        self.deltas = canonical_keys(deltas)
         self.metadata = dict(metadata or {})
         for key, delta in self.deltas.items():
             split_key(key)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapter import AdapterError, SparseAdapter
+from .adapter import AdapterError, SparseAdapter, SparseDelta
 from .lora import LoraAdapter, LoraDelta
 
 
@@ -103,16 +103,24 @@ def entries_of(adapter: SparseAdapter | LoraAdapter, pin: bool = False) -> dict[
 
 @dataclass(eq=False)
 class Stored:
-    """One loaded adapter: its entries, the object it came from (for analysis) and facts about it."""
+    """One loaded adapter: its compact entries (the only copy held) and facts about it."""
 
     name: str
     entries: dict[str, Entry]
-    adapter: Any
+    metadata: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
+
+    @property
+    def adapter(self) -> SparseAdapter | LoraAdapter:
+        """The adapter rebuilt from the entries, for analysis (weight-space metrics, export)."""
+        if any(e.dense for e in self.entries.values()):
+            return LoraAdapter({k: LoraDelta(e.down, e.up, e.lora_scale, e.shape) for k, e in self.entries.items()}, self.metadata)
+        return SparseAdapter._trusted({k: SparseDelta(e.indices.long(), e.values, e.shape) for k, e in self.entries.items()},
+                                      self.metadata)
 
 
 class AdapterStore:
@@ -126,7 +134,7 @@ class AdapterStore:
 
     def add(self, name: str, adapter: SparseAdapter | LoraAdapter, info: Mapping | None = None) -> Stored:
         """Convert (outside any lock: this is the slow part) and publish under ``name``."""
-        stored = Stored(name, entries_of(adapter, self.pin), adapter, dict(info or {}))
+        stored = Stored(name, entries_of(adapter, self.pin), dict(adapter.metadata), dict(info or {}))
         with self.lock:
             if name in self._items:
                 raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")

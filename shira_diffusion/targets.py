@@ -6,13 +6,14 @@ Works on any mapping ``{component: nn.Module}`` (or anything with ``unet`` / ``t
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .adapter import COMPONENTS, AdapterError, fingerprint, split_key  # noqa: F401  (fingerprint re-exported)
+from .adapter import COMPONENTS, TEXT_ENCODERS, AdapterError, canonical_key, fingerprint, split_key  # noqa: F401  (re-exported)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -65,19 +66,57 @@ def find_targets(
         for name, module in components[component].named_modules():
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and any(_matches(name, p) for p in patterns):
-                found[f"{component}.{name}"] = weight
+                found[canonical_key(f"{component}.{name}")] = weight
     return found
+
+
+def module_paths(key: str) -> list[str]:
+    """Where a (canonical) key's module may sit: text-encoder paths with and without ``text_model.``."""
+    component, path = split_key(key)
+    if component not in TEXT_ENCODERS:
+        return [path]
+    if path.startswith("text_model."):
+        return [path, path.removeprefix("text_model.")]
+    return [path, f"text_model.{path}"]
+
+
+@functools.lru_cache(maxsize=None)
+def _text_model_level(component: str) -> bool:
+    """Whether the installed transformers keeps ``text_model`` inside this text encoder's class
+    (SDXL: ``CLIPTextModel`` for text_encoder, ``CLIPTextModelWithProjection`` for text_encoder_2)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
+    tiny = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                          vocab_size=8, max_position_embeddings=4, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return hasattr(cls(tiny), "text_model")
+
+
+def installed_path(key: str) -> str:
+    """A canonical key's module path as the installed transformers lays the module out (for
+    formats that name a model's modules directly, such as PEFT folders)."""
+    component, path = split_key(key)
+    if component in TEXT_ENCODERS and path.startswith("text_model.") and not _text_model_level(component):
+        return path.removeprefix("text_model.")
+    return path
+
+
+def resolve_module(components: Mapping[str, nn.Module], key: str) -> tuple[nn.Module, str]:
+    """The module a key names and its path in the installed layout, or :class:`AdapterError` saying why not."""
+    component, _ = split_key(key)
+    if component not in components:
+        raise AdapterError(f"{key}: the model has no {component!r}")
+    for path in module_paths(key):
+        try:
+            return components[component].get_submodule(path), path
+        except AttributeError:
+            continue
+    raise AdapterError(f"{key}: no such module in the model's {component}")
 
 
 def resolve_weight(components: Mapping[str, nn.Module], key: str) -> nn.Parameter:
     """The weight a key names (``"unet.<module path>"``), or :class:`AdapterError` saying why not."""
-    component, path = split_key(key)
-    if component not in components:
-        raise AdapterError(f"{key}: the model has no {component!r}")
-    try:
-        module = components[component].get_submodule(path)
-    except AttributeError:
-        raise AdapterError(f"{key}: no such module in the model's {component}") from None
+    module, _ = resolve_module(components, key)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise AdapterError(f"{key}: module {type(module).__name__} has no weight tensor")

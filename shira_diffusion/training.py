@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import SparseAdapter, SparseDelta
-from .targets import pipeline_components, resolve_weight
+from .targets import pipeline_components, resolve_module
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -75,9 +75,7 @@ class SparseTraining:
         components = pipeline_components(pipe_or_components)
         self.modules: dict[str, nn.Linear] = {}
         for key in masks:
-            resolve_weight(components, key)  # raises a clear error for unknown keys
-            component, path = key.split(".", 1)
-            module = components[component].get_submodule(path)
+            module, _ = resolve_module(components, key)  # either text-encoder layout; a clear error for unknown keys
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"{key}: sparse training supports nn.Linear, got {type(module).__name__}")
             self.modules[key] = module

@@ -29,7 +29,7 @@ from torch import nn
 
 from .adapter import AdapterError, split_key
 from .store import Entry
-from .targets import pipeline_components
+from .targets import pipeline_components, resolve_module
 
 
 class Member(NamedTuple):
@@ -117,6 +117,7 @@ class WeightWriter:
         self.components = pipeline_components(components)
         self.max_backup_bytes = max_backup_bytes
         self._modules: dict[str, nn.Module] = {}
+        self._parents: dict[str, nn.Module | None] = {}
         self._undo: dict[str, _Undo] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._ws = _Workspace()
@@ -124,20 +125,14 @@ class WeightWriter:
     # ---- the weights ------------------------------------------------------------------------------
     def module(self, key: str) -> nn.Module:
         if key not in self._modules:
-            component, path = split_key(key)
-            if component not in self.components:
-                raise AdapterError(f"{key}: the model has no {component!r}")
-            try:
-                module = self.components[component].get_submodule(path)
-            except AttributeError:
-                raise AdapterError(f"{key}: no such module in the model's {component}") from None
+            module, path = resolve_module(self.components, key)  # either text-encoder layout
+            module = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # not a PEFT wrapper of it
             if not isinstance(getattr(module, "weight", None), torch.Tensor):
                 raise AdapterError(f"{key}: module {type(module).__name__} has no weight tensor")
+            component = split_key(key)[0]
             parent = self.components[component].get_submodule(path.rpartition(".")[0]) if "." in path else None
-            if getattr(parent, "fused_projections", False):
-                raise AdapterError(f"{key}: its attention was fused by fuse_qkv_projections(), which computes from a copy; "
-                                   "call unfuse_qkv_projections() before loading adapters")
             self._modules[key] = module
+            self._parents[key] = parent
         return self._modules[key]
 
     def weight(self, key: str) -> torch.Tensor:
@@ -148,6 +143,9 @@ class WeightWriter:
         """The tensor that holds the weight for real, flattened: the parameter itself, or the CPU
         copy in an accelerate offload hook's weight map."""
         module = self.module(key)
+        if getattr(self._parents[key], "fused_projections", False):  # checked on every write: it may happen after loading
+            raise AdapterError(f"{key}: its attention was fused by fuse_qkv_projections(), which computes from a copy; "
+                               "call unfuse_qkv_projections() before using adapters")
         hook = getattr(module, "_hf_hook", None)
         for h in getattr(hook, "hooks", (hook,)) if hook is not None else ():
             weights_map = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
@@ -228,7 +226,8 @@ class WeightWriter:
             return None
         for _, idx, orig in reversed(undo.records):
             index = None if idx is None else self._ws.long("r", idx, flat.device)
-            put(flat, index, orig.to(flat.device, flat.dtype, non_blocking=True))
+            # non_blocking only towards a GPU: a copy to the CPU would be read before it lands
+            put(flat, index, orig.to(flat.device, flat.dtype, non_blocking=flat.device.type != "cpu"))
         del self._undo[key]  # only once all of it is back: a failure part-way leaves the log for the rollback
         for _, idx, orig in undo.records:
             if idx is not None:

@@ -74,6 +74,15 @@ def test_weights_the_engine_cannot_write_are_refused_at_load(adapter_files):
     with pytest.raises(AdapterError, match="fused by fuse_qkv_projections"):
         ShiraPipelineSwitcher(pipe).load_adapter(adapter_files[0])
 
+    pipe = tiny_sdxl_pipeline(seed=0)  # fused after loading: refused at the next switch, nothing written
+    sw = ShiraPipelineSwitcher(pipe)
+    sw.load_adapter(adapter_files[0])
+    pipe.fuse_qkv_projections()
+    base = snapshot(pipe.unet)
+    with pytest.raises(AdapterError, match="fused by fuse_qkv_projections"):
+        sw.set_adapters("a")
+    assert_same_state(pipe.unet, base) and sw.get_active_adapters() == []
+
     pipe = tiny_sdxl_pipeline(seed=0)
     key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     module = pipe.unet.get_submodule(key.removeprefix("unet."))

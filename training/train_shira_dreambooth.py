@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dreambooth_data import Example, load_examples  # noqa: E402
 
 from shira_diffusion import MASK_KINDS, budget, calibration_scores, find_targets, make_masks  # noqa: E402
-from shira_diffusion.adapter import COMPONENTS, portable_model_id  # noqa: E402
+from shira_diffusion.adapter import COMPONENTS  # noqa: E402
 from shira_diffusion.dtypes import DTYPES  # noqa: E402
+from shira_diffusion.targets import resolve_module  # noqa: E402
 from shira_diffusion.training import SparseTraining  # noqa: E402
 
 logger = logging.getLogger("train_shira_dreambooth")
@@ -205,7 +206,8 @@ def inference_pipeline(args, models: dict, accelerator, weight_dtype: torch.dtyp
     if "vae" not in parts:
         vae_src = args.pretrained_vae_model_name_or_path
         parts["vae"] = AutoencoderKL.from_pretrained(vae_src or args.pretrained_model_name_or_path, subfolder=None if vae_src else "vae",
-                                                     revision=args.revision, **dtype_kwargs(torch.float32))
+                                                     variant=None if vae_src else args.variant, revision=args.revision,
+                                                     **dtype_kwargs(torch.float32))
     pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                                      **parts, **dtype_kwargs(weight_dtype))
     pipe.to(accelerator.device)
@@ -282,7 +284,8 @@ def attach_lora(models: dict, weights: dict, rank: int) -> list[torch.nn.Paramet
 
     params = []
     for component in sorted({k.split(".", 1)[0] for k in weights}):
-        names = [k.split(".", 1)[1] for k in weights if k.startswith(component + ".")]
+        # PEFT names modules as this model lays them out (keys are canonical: text_model. kept)
+        names = [resolve_module(models, k)[1] for k in weights if k.startswith(component + ".")]
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=names)
         if component == "unet":
             models[component].add_adapter(config)
