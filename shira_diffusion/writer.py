@@ -21,8 +21,6 @@ log of exactly what it overwrote, and puts that back.
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
@@ -86,7 +84,6 @@ class _Workspace:
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
         self._pool: dict[tuple, list[torch.Tensor]] = {}
-        self.scratch: dict[tuple, torch.Tensor] = {}  # kept across writes: zero between uses
 
     def buf(self, slot: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (slot, dtype, device)
@@ -122,9 +119,8 @@ class WeightWriter:
         self._modules: dict[str, nn.Module] = {}
         self._parents: dict[str, nn.Module | None] = {}
         self._undo: dict[str, _Undo] = {}
-        self._local = threading.local()  # a workspace and scratch per thread: CPU writes run on two threads
-        self._workspaces: list[_Workspace] = []
-        self._pool_threads: ThreadPoolExecutor | None = None
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._ws = _Workspace()
 
     # ---- the weights ------------------------------------------------------------------------------
     def module(self, key: str) -> nn.Module:
@@ -184,14 +180,6 @@ class WeightWriter:
             raise AdapterError(f"{key}: shape mismatch, adapter {tuple(shape)} vs model {have}")
         self.live(key)
 
-    @property
-    def _ws(self) -> _Workspace:
-        ws = getattr(self._local, "ws", None)
-        if ws is None:
-            ws = self._local.ws = _Workspace()
-            self._workspaces.append(ws)
-        return ws
-
     # ---- writing --------------------------------------------------------------------------------
     @property
     def written(self) -> dict[str, tuple[Member, ...]]:
@@ -204,45 +192,19 @@ class WeightWriter:
         keys = [k for k in dict.fromkeys([*old, *plan]) if not _same(old.get(k), plan.get(k))]
         flats = {key: self.live(key) for key in keys}  # every check before the first write
         self._check_backup_budget(plan, keys, flats)
-        lanes = self._lanes(keys, flats)
-        touched: list[list[str]] = [[] for _ in lanes]
-
-        def run(lane: int) -> None:
-            for key in lanes[lane]:
-                touched[lane].append(key)
+        touched: list[str] = []
+        try:
+            for key in keys:
+                touched.append(key)
                 backup = self._restore(key, flats[key], self._write)
                 if key in plan:
                     self._apply(key, flats[key], plan[key], backup, self._write)
-
-        try:
-            if len(lanes) == 1:
-                run(0)
-            else:  # each lane its own weights; the first error wins once both have stopped
-                futures = [self._threads().submit(run, i) for i in range(len(lanes))]
-                errors = [f.exception() for f in futures]
-                if any(errors):
-                    raise next(e for e in errors if e is not None)
         except BaseException:
-            self._roll_back([k for lane in touched for k in lane], flats, old)
+            self._roll_back(touched, flats, old)
             raise
         finally:
-            for ws in self._workspaces:
-                ws.clear()
+            self._ws.clear()
         return sorted({f.device for f in flats.values()}, key=str)
-
-    @staticmethod
-    def _lanes(keys: list[str], flats: dict[str, torch.Tensor]) -> list[list[str]]:
-        """Two lanes of weights for CPU writes: a CPU gather (``index_select``) runs on one core,
-        so two threads gather twice as fast; one lane elsewhere (GPU work is queued anyway)."""
-        if len(keys) < 2 or torch.get_num_threads() < 2 or any(f.device.type != "cpu" for f in flats.values()):
-            return [keys]
-        by_size = sorted(keys, key=lambda k: -flats[k].numel())
-        return [by_size[0::2], by_size[1::2]]
-
-    def _threads(self) -> ThreadPoolExecutor:
-        if self._pool_threads is None:
-            self._pool_threads = ThreadPoolExecutor(2, thread_name_prefix="shira-writer")
-        return self._pool_threads
 
     def restore_all(self) -> None:
         self.write({})
@@ -343,17 +305,15 @@ class WeightWriter:
 
     def _scratch_for(self, device: torch.device, acc: torch.dtype, numel: int) -> torch.Tensor:
         """A zero-filled buffer, kept zero between uses (only the entries used are cleared)."""
-        scratch = self._ws.scratch
-        buf = scratch.get((device, acc))
+        buf = self._scratch.get((device, acc))
         if buf is None or buf.numel() < numel:
-            buf = scratch[(device, acc)] = torch.zeros(numel, dtype=acc, device=device)
+            buf = self._scratch[(device, acc)] = torch.zeros(numel, dtype=acc, device=device)
         return buf[:numel]
 
     def _roll_back(self, touched: list[str], flats: dict[str, torch.Tensor], old: dict[str, tuple[Member, ...]]) -> None:
         """Back to ``old`` exactly: the base on every touched weight, then the old members again."""
-        for ws in self._workspaces:
-            for scratch in ws.scratch.values():
-                scratch.zero_()
+        for scratch in self._scratch.values():
+            scratch.zero_()
         for key in touched:
             self._restore(key, flats[key], _put)
         for key in touched:
