@@ -92,8 +92,7 @@ class ShiraEngine:
         Reads weight shapes, never weight values, and does not take the weights' lock: a running
         generation is not held up. A weight the engine could not write for real is refused here.
         """
-        if name in self.store:
-            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+        self.store.check_free(name)  # before the validation, which is the slow part; add() checks again under its lock
         adapter.validate()
         for key, delta in adapter.deltas.items():
             self.writer.check(key, delta.shape)

@@ -283,12 +283,13 @@ def read_peft_folders(path: str | os.PathLike, pipe: Any = None, component: str 
 def load_any(path: str | os.PathLike, pipe: Any = None, component: str = "unet", max_bytes: int | None = None):
     """A SHiRA file, a PEFT SHiRA folder, or (given ``pipe``) a LoRA file, told apart by content."""
     path = Path(path)
-    if path.is_dir():
+    kind = file_kind(path)
+    if kind == "peft":
         return read_peft_folders(path, pipe, component)
     if not path.is_file():
         raise AdapterError(f"{path}: no such file")
     check_file_size(path, max_bytes)
-    if _header_format(path) in ("shira", None):  # a broken file: the SHiRA loader says what is wrong
+    if kind in ("shira", "unreadable"):  # a broken file: the SHiRA loader says what is wrong
         return SparseAdapter.load(path)
     if pipe is None:
         raise AdapterError(f"{path}: not a SHiRA adapter; LoRA files need the model (--model) to be read")

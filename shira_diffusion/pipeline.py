@@ -144,8 +144,6 @@ class ShiraPipelineSwitcher:
                 with self.engine.lock:
                     adapter = load_any(source, self.pipe, max_bytes=max_bytes)
         name = adapter_name or (source.stem if source is not None else f"adapter_{len(self.engine.staged)}")
-        if name in self.engine.store:
-            raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         expected = adapter.metadata.get("fingerprint")
         if expected:
             here = fingerprint({key: tuple(self.engine.weight(key).shape) for key in adapter.deltas})

@@ -26,7 +26,7 @@ def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return t.pin_memory() if pin and not t.is_pinned() else t
 
 
-def _nbytes(*tensors: torch.Tensor) -> int:
+def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -42,19 +42,7 @@ class SparseEntry:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.indices, self.values)
-
-    @property
-    def entries(self) -> int:
-        return self.indices.numel()
-
-    def indices_on(self, device: torch.device) -> torch.Tensor:
-        """int64 on ``device`` (what ``index_copy_`` needs), a transient copy."""
-        return self.indices.to(device, non_blocking=True).long()
-
-    def scaled(self, device: torch.device, acc: torch.dtype, scale: float) -> torch.Tensor:
-        values = self.values.to(device, acc, non_blocking=True)  # may be the stored tensor itself: never in place
-        return values if scale == 1.0 else values * scale  # x * 1.0 == x: skip the multiply
+        return nbytes(self.indices, self.values)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,14 +58,7 @@ class DenseEntry:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.down, self.up)
-
-    @property
-    def entries(self) -> int:
-        return math.prod(self.shape)
-
-    def indices_on(self, device: torch.device) -> None:
-        return None
+        return nbytes(self.down, self.up)
 
     def scaled(self, device: torch.device, acc: torch.dtype, scale: float) -> torch.Tensor:
         up = self.up.to(device, non_blocking=True).to(acc)
@@ -136,13 +117,16 @@ class AdapterStore:
         """Convert (outside any lock: this is the slow part) and publish under ``name``."""
         stored = Stored(name, entries_of(adapter, self.pin), dict(adapter.metadata), dict(info or {}))
         with self.lock:
-            if name in self._items:
-                raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+            self.check_free(name)
             if self.max_bytes is not None and self.nbytes + stored.nbytes > self.max_bytes:
                 raise AdapterError(f"{name}: loading it would hold {self.nbytes + stored.nbytes:,} bytes of adapters, "
                                    f"over the store's budget of {self.max_bytes:,}; delete some first")
             self._items[name] = stored
         return stored
+
+    def check_free(self, name: str) -> None:
+        if name in self:
+            raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
 
     def remove(self, name: str) -> Stored:
         with self.lock:

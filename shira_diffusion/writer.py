@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .adapter import AdapterError, split_key
-from .store import Entry
+from .store import Entry, nbytes
 from .targets import pipeline_components, resolve_module
 
 
@@ -70,10 +70,6 @@ def _put(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> 
         flat.copy_(values)
     else:
         flat.index_copy_(0, idx, values)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class _Workspace:
@@ -206,15 +202,12 @@ class WeightWriter:
             self._ws.clear()
         return sorted({f.device for f in flats.values()}, key=str)
 
-    def restore_all(self) -> None:
-        self.write({})
-
     def _check_backup_budget(self, plan: Plan, keys: list[str], flats: dict[str, torch.Tensor]) -> None:
         if self.max_backup_bytes is None:
             return
         dense = {k for k in self._undo if self._undo[k].backup is not None} - set(keys)
         dense |= {k for k in keys if any(m.entry.dense for m in plan.get(k, ()))}
-        need = sum(_nbytes(flats[k]) if k in flats else _nbytes(self._undo[k].backup) for k in dense)
+        need = sum(nbytes(flats[k]) if k in flats else nbytes(self._undo[k].backup) for k in dense)
         if need > self.max_backup_bytes:
             raise AdapterError(f"this set needs {need:,} bytes of full-weight copies for exact restore (LoRA-covered weights), "
                                f"over the budget of {self.max_backup_bytes:,}; raise it or fuse fewer LoRAs")
@@ -245,11 +238,10 @@ class WeightWriter:
             undo.records.append((next(m.name for m in members if m.entry.dense), None, backup))
             total = torch.zeros(flat.numel(), dtype=acc, device=device)
             for m in members:
-                idx = m.entry.indices_on(device)
-                if idx is None:
+                if m.entry.dense:
                     total += m.entry.scaled(device, acc, m.scale)
                 else:
-                    total.index_add_(0, idx, m.entry.scaled(device, acc, m.scale))
+                    total.index_add_(0, self._ws.long("0", m.entry.indices, device), self._delta(m, m.entry.indices.numel(), acc, device))
             put(flat, None, (flat.to(acc) + total).to(flat.dtype))
             return
         ws = self._ws
@@ -337,5 +329,5 @@ class WeightWriter:
                 for t in (orig, idx):
                     if t is None or (t is idx and t is getattr(entries[name], "indices", None)):
                         continue
-                    held["host" if t.device.type == "cpu" else "device"] += _nbytes(t)
+                    held["host" if t.device.type == "cpu" else "device"] += nbytes(t)
         return out
