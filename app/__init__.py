@@ -1,1 +1,1 @@
-"""The shira-studio web app: one loaded SDXL pipeline, SHiRA adapters swapped in place."""
+"""``python -m app`` from a checkout: the studio (installed, the same is ``shira studio``)."""

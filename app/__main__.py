@@ -1,3 +1,3 @@
-from .cli import main
+from shira_diffusion.app.cli import main
 
 main()

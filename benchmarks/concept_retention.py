@@ -1,6 +1,6 @@
 """Concept learning, preservation and concept loss under fusion: SHiRA (each mask) vs LoRA.
 
-On the built-in demo model with the demo adapters (``assets/adapters``, rebuilt by
+On the built-in demo model with the demo adapters (``shira_diffusion/assets/adapters``, rebuilt by
 ``training/build_demo_world.py``), for every adapter type:
 
 * single: the share of generations where the detectors see the concept, adapter alone, over N

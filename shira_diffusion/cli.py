@@ -21,7 +21,7 @@ DTYPE_NAMES = tuple(DTYPES)
 
 
 def _pipeline(model: str, device: str | None = None, dtype: str = "auto"):
-    from .pipeline import load_pipeline
+    from .loading import load_pipeline
 
     try:
         return load_pipeline(model, device=device, dtype=dtype)
@@ -205,10 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto")
     p.set_defaults(run=cmd_merge)
+
+    sub.add_parser("studio", add_help=False, help="open the studio (the web app); `shira studio --help` lists its flags")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["studio"]:  # the studio has its own flags (those of `python -m app`)
+        from .app.cli import main as studio
+
+        studio(argv[1:], prog="shira studio")
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -55,7 +55,12 @@ def encode(indices: torch.Tensor) -> torch.Tensor:
 def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     """Unpack a stream made by :func:`encode`; checks it holds ``count`` indices below ``numel``.
 
-    Returns int64 indices (the dtype ``index_copy_`` needs).
+    Returns int32 indices where ``numel`` fits (every SDXL weight: half the memory of int64 and
+    what the adapter store keeps), else int64.
+
+    Index ``k`` ends at unit ``p_k``: it is the sum of the units up to there, plus ``cap`` for each
+    zero unit before it (``p_k - k`` of them), minus one. So one cumulative sum over the units and
+    one gather at the non-zero units decode it; no mask is filled or compacted.
     """
     if packed.dtype != torch.uint8 or packed.dim() != 2 or not 1 <= packed.shape[1] <= 8:
         raise IndexCodecError(
@@ -66,13 +71,17 @@ def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     cap = (1 << bits) - 1
     padded = torch.zeros(groups, 8, dtype=torch.uint8)
     padded[:, :bits] = packed
-    units = ((padded.view(torch.int64) >> _SHIFTS[bits]) & cap).view(-1)
-    is_end = units != 0
-    units.masked_fill_(~is_end, cap)
-    indices = torch.masked_select(units.cumsum_(0), is_end)
-    if indices.numel() != count:
-        raise IndexCodecError(f"indices/values length mismatch: {indices.numel()} indices for {count} values")
-    indices -= 1
-    if count and int(indices[-1]) >= numel:
-        raise IndexCodecError(f"index out of range: {int(indices[-1])} >= {numel} entries")
-    return indices  # int64, what index_copy_ takes: staging needs no conversion
+    units = (padded.view(torch.int64) >> _SHIFTS[bits]).bitwise_and_(cap).view(-1)
+    ends = units.nonzero().view(-1)
+    if ends.numel() != count:
+        raise IndexCodecError(f"indices/values length mismatch: {ends.numel()} indices for {count} values")
+    if not count:
+        return torch.empty(0, dtype=torch.int32)
+    # int64 while summing: a stream of zero units could overflow a narrower running sum
+    last = int(units[: int(ends[-1]) + 1].sum()) + cap * (int(ends[-1]) - count + 1) - 1
+    if last >= numel:
+        raise IndexCodecError(f"index out of range: {last} >= {numel} entries")
+    dtype = torch.int32 if numel < 2**31 else torch.int64  # the largest index is `last`, below numel
+    indices = torch.cumsum(units, 0, dtype=dtype)[ends]
+    zeros_before = ends.sub_(torch.arange(count, dtype=torch.int64))  # p_k - k
+    return indices.add_(zeros_before.to(dtype), alpha=cap).sub_(1)

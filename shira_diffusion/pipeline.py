@@ -1,77 +1,15 @@
-"""Loading SDXL pipelines from every source the studio and the command line accept."""
+"""The switcher: one loaded pipeline plus a library of adapters swapped or fused into it in place."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from .dtypes import DTYPES, dtype_name
+from .dtypes import dtype_name
+from .loading import DEMO, load_pipeline, vae_memory
 
-
-class _TorchvisionNotice(logging.Filter):
-    """Drops transformers' notice that its image processors fall back to PIL without torchvision:
-    SDXL pipelines hold one only as an optional watermark/safety feature extractor, never used here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
-
-
-logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionNotice())
-
-DEMO = "demo"  # the trained demo model in assets/demo
-TINY = "tiny"  # a tiny random-weight pipeline built in memory (tests, smoke runs)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """``auto``/None: fp16 on CUDA, fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in DTYPES:
-        return DTYPES[dtype]
-    return torch.float16 if str(device).startswith("cuda") else torch.float32
-
-
-def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The loader keyword for a dtype: ``dtype`` where diffusers has it (it warns on the older
-    ``torch_dtype``), ``torch_dtype`` on diffusers that predate it."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present since the rename)
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
-
-
-def load_pipeline(model: str, device: str | None = None, dtype: str | torch.dtype | None = "auto"):
-    """An SDXL pipeline from ``demo`` (the trained demo model, offline), ``tiny`` (random weights,
-    offline), a single ``.safetensors`` checkpoint, a local diffusers folder or a hub id."""
-    from diffusers import StableDiffusionXLPipeline
-
-    device = device or default_device()
-    torch_dtype = resolve_dtype(dtype, device)
-    if model == DEMO:
-        from .demo.model import load_demo_pipeline
-
-        pipe = load_demo_pipeline()
-    elif model == TINY:
-        from .testing import tiny_sdxl_pipeline
-
-        pipe = tiny_sdxl_pipeline()
-    else:
-        path = Path(model)
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise ValueError("single-file checkpoints must be .safetensors (pickled .ckpt files are refused)")
-            pipe = StableDiffusionXLPipeline.from_single_file(str(path), **dtype_kwargs(torch_dtype))
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(model, use_safetensors=True, **dtype_kwargs(torch_dtype))
-    pipe = pipe.to(device)
-    return pipe if pipe.unet.dtype == torch_dtype else pipe.to(torch_dtype)  # .to(dtype) warns needlessly
+KINDS = ("text2img", "img2img", "inpaint")
 
 
 class ShiraPipelineSwitcher:
@@ -91,25 +29,29 @@ class ShiraPipelineSwitcher:
         from .engine import ShiraEngine
 
         self.pipe = pipe
+        self._pipes: dict[tuple, object] = {}  # other pipelines on the same components, by (kind, extra components)
         self.engine = ShiraEngine(pipe, max_store_bytes=max_adapter_bytes, max_backup_bytes=max_backup_bytes)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model: str, torch_dtype: torch.dtype | None = None, device: str | None = None, **kwargs) -> "ShiraPipelineSwitcher":
-        """A hub id or a local diffusers folder (``demo`` for the built-in demo model, ``tiny`` for random weights)."""
-        if kwargs:
-            from diffusers import StableDiffusionXLPipeline
-
-            device = device or default_device()
-            dtype = resolve_dtype(torch_dtype, device)
-            return cls(StableDiffusionXLPipeline.from_pretrained(model, **dtype_kwargs(dtype), **kwargs).to(device))
-        return cls(load_pipeline(model, device=device, dtype=torch_dtype or "auto"))
+    def from_pretrained(cls, model: str, torch_dtype: torch.dtype | str | None = None, device: str | None = None, *,
+                        offload: str = "none", vae: str | None = None, compile: bool = False,
+                        max_adapter_bytes: int | None = None, max_backup_bytes: int | None = None,
+                        **kwargs) -> "ShiraPipelineSwitcher":
+        """A hub id or a local diffusers folder (``demo`` for the built-in demo model, ``tiny`` for
+        random weights). ``offload``, ``vae``, ``compile``: see :mod:`.loading`; other keywords
+        (``device_map``, ``revision``, ...) go to diffusers' loader."""
+        pipe = load_pipeline(model, device=device, dtype=torch_dtype or "auto", offload=offload, vae=vae, compile=compile, **kwargs)
+        return cls(pipe, max_adapter_bytes=max_adapter_bytes, max_backup_bytes=max_backup_bytes)
 
     @classmethod
-    def from_single_file(cls, path: str, torch_dtype: torch.dtype | None = None, device: str | None = None) -> "ShiraPipelineSwitcher":
+    def from_single_file(cls, path: str, torch_dtype: torch.dtype | str | None = None, device: str | None = None, *,
+                         config: str | None = None, **kwargs) -> "ShiraPipelineSwitcher":
+        """A single ``.safetensors`` checkpoint; ``config``: a local diffusers folder whose configs
+        and tokenizers describe it, so nothing is fetched."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such checkpoint file")
-        return cls(load_pipeline(str(path), device=device, dtype=torch_dtype or "auto"))
+        return cls.from_pretrained(str(path), torch_dtype, device, config=config, **kwargs)
 
     @classmethod
     def demo(cls, with_adapters: bool = False) -> "ShiraPipelineSwitcher":
@@ -228,10 +170,58 @@ class ShiraPipelineSwitcher:
     def __call__(self, prompt=None, *args, adapters=_KEEP, adapter_weights=None, **kwargs):
         """Generate; with ``adapters=`` (a name, names, ``{name: weight}`` or None) switch first,
         atomically with the generation."""
-        with self.engine.lock:
+        return self._generate(self.pipe, prompt, args, adapters, adapter_weights, kwargs)
+
+    def img2img(self, prompt=None, image=None, *args, adapters=_KEEP, adapter_weights=None, controlnet=None, **kwargs):
+        """diffusers' img2img pipeline on this switcher's weights (``strength`` etc. as there)."""
+        return self._generate(self.pipeline("img2img", controlnet), prompt, (image, *args), adapters, adapter_weights, kwargs)
+
+    def inpaint(self, prompt=None, image=None, mask_image=None, *args, adapters=_KEEP, adapter_weights=None, controlnet=None,
+                **kwargs):
+        """diffusers' inpainting pipeline on this switcher's weights (white in ``mask_image`` is repainted)."""
+        return self._generate(self.pipeline("inpaint", controlnet), prompt, (image, mask_image, *args), adapters, adapter_weights,
+                              kwargs)
+
+    def pipeline(self, kind: str | type = "img2img", controlnet=None, **components):
+        """A diffusers pipeline of ``kind`` (``text2img``, ``img2img``, ``inpaint`` or a pipeline
+        class; with ``controlnet``, its ControlNet variant) built with ``from_pipe`` on this
+        switcher's components: the same weights in memory, so the same adapters apply, and it is
+        run under the same lock by :meth:`generate`. Built once per kind and kept."""
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+        if controlnet is not None:
+            components["controlnet"] = controlnet
+        key = (kind, tuple(sorted((name, id(c)) for name, c in components.items())))
+        if key not in self._pipes:
+            if isinstance(kind, str):
+                auto = {"text2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+                        "inpaint": AutoPipelineForInpainting}.get(kind)
+                if auto is None:
+                    raise ValueError(f"unknown pipeline kind {kind!r}; one of {', '.join(KINDS)} or a diffusers pipeline class")
+                if kind == "text2img" and not components:
+                    return self.pipe
+            else:
+                auto = kind
+            # the dtype keeps from_pipe from casting the shared components (its default is fp32)
+            new = auto.from_pipe(self.pipe, dtype=self.pipe.unet.dtype, **components)
+            if new.unet is not self.pipe.unet:
+                raise ValueError(f"{type(new).__name__} did not take this pipeline's UNet; adapters would not reach it")
+            if hasattr(new, "set_progress_bar_config") and hasattr(self.pipe, "_progress_bar_config"):
+                new.set_progress_bar_config(**self.pipe._progress_bar_config)
+            self._pipes[key] = new
+        return self._pipes[key]
+
+    def generate(self, pipe, *args, adapters=_KEEP, adapter_weights=None, **kwargs):
+        """Run ``pipe`` (one of :meth:`pipeline`'s) with ``adapters`` switched in, under the lock."""
+        prompt, rest = (args[0], args[1:]) if args else (kwargs.pop("prompt", None), ())
+        return self._generate(pipe, prompt, rest, adapters, adapter_weights, kwargs)
+
+    def _generate(self, pipe, prompt, args, adapters, adapter_weights, kwargs):
+        images = max(1, len(prompt) if isinstance(prompt, list) else 1) * int(kwargs.get("num_images_per_prompt") or 1)
+        with self.engine.lock, vae_memory(pipe, kwargs.get("height"), kwargs.get("width"), images):
             if adapters is not self._KEEP:
                 self.set_adapters(adapters, adapter_weights)
-            return self.pipe(prompt, *args, **kwargs)
+            return pipe(prompt, *args, **kwargs)
 
     # ---- comparing -------------------------------------------------------------------------------
     def compare(self, prompt: str, adapters: list[str], seeds=(0,), adapter_weights=None, lora_pair: list[str] | None = None,

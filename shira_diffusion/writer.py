@@ -9,7 +9,7 @@ log of exactly what it overwrote, and puts that back.
   subtracted, so no round-off accumulates in any dtype. If the model moved (model offload puts
   the UNet on the GPU for a call and back), the originals follow the weight to its device.
 * Fusing sums the scaled deltas in fp32 (or wider) in adapter-name order into a dense scratch of
-  the weight's size (``index_add_``: each adapter's indices are unique, so this is deterministic
+  the weight's size (``index_copy_`` then ``index_add_``: each adapter's indices are unique, so this is deterministic
   on CUDA too), adds them to the originals and casts once: the same bits whether a set is new or
   was written before, with no per-set layouts to build or cache.
 * A write is transactional: everything is checked before the first write, and an error part-way
@@ -254,16 +254,17 @@ class WeightWriter:
             delta = self._delta(m, idx.numel(), acc, device)
             put(flat, idx, self._cast(self._plus(orig, delta, acc), flat.dtype))
             return
+        # the deltas' sum in `acc` at every member's entries: the first member's deltas are copied
+        # in (0 + d == d), the others' entries zeroed and then added to, in name order
         scratch = self._scratch_for(device, acc, flat.numel())
-        try:
-            for m, idx in zip(members, indices):
-                scratch.index_add_(0, idx, self._delta(m, idx.numel(), acc, device))
-            for (_, _, orig), idx in zip(undo.records, indices):
-                summed = torch.index_select(scratch, 0, idx, out=ws.buf("sum", idx.numel(), acc, device))
-                put(flat, idx, self._cast(self._plus(orig, summed, acc), flat.dtype))
-        finally:
-            for idx in indices:
-                scratch.index_fill_(0, idx, 0)
+        for idx in indices[1:]:
+            scratch.index_fill_(0, idx, 0)
+        scratch.index_copy_(0, indices[0], self._delta(members[0], indices[0].numel(), acc, device))
+        for m, idx in zip(members[1:], indices[1:]):
+            scratch.index_add_(0, idx, self._delta(m, idx.numel(), acc, device))
+        for (_, _, orig), idx in zip(undo.records, indices):
+            summed = torch.index_select(scratch, 0, idx, out=ws.buf("sum", idx.numel(), acc, device))
+            put(flat, idx, self._cast(self._plus(orig, summed, acc), flat.dtype))
 
     def _delta(self, m: Member, n: int, acc: torch.dtype, device: torch.device) -> torch.Tensor:
         """``scale * values`` of a sparse member in ``acc`` (never the stored tensor modified)."""
@@ -296,16 +297,14 @@ class WeightWriter:
         return out.copy_(flat, non_blocking=True)
 
     def _scratch_for(self, device: torch.device, acc: torch.dtype, numel: int) -> torch.Tensor:
-        """A zero-filled buffer, kept zero between uses (only the entries used are cleared)."""
+        """A dense buffer of the weight's size for fusing; its contents between uses do not matter."""
         buf = self._scratch.get((device, acc))
         if buf is None or buf.numel() < numel:
-            buf = self._scratch[(device, acc)] = torch.zeros(numel, dtype=acc, device=device)
+            buf = self._scratch[(device, acc)] = torch.empty(numel, dtype=acc, device=device)
         return buf[:numel]
 
     def _roll_back(self, touched: list[str], flats: dict[str, torch.Tensor], old: dict[str, tuple[Member, ...]]) -> None:
         """Back to ``old`` exactly: the base on every touched weight, then the old members again."""
-        for scratch in self._scratch.values():
-            scratch.zero_()
         for key in touched:
             self._restore(key, flats[key], _put)
         for key in touched:

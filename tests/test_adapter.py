@@ -129,6 +129,26 @@ def test_codec_picks_smallest_bit_width():
         assert torch.equal(index_codec.decode(packed, idx.numel(), numel).long(), idx)
 
 
+def test_codec_decodes_to_int32_where_the_weight_fits_and_int64_beyond():
+    idx = torch.tensor([0, 5, 2**20], dtype=torch.int64)
+    packed = index_codec.encode(idx)
+    small = index_codec.decode(packed, 3, 2**20 + 1)
+    assert small.dtype == torch.int32 and small.tolist() == idx.tolist()
+    big = index_codec.decode(packed, 3, 2**31)
+    assert big.dtype == torch.int64 and big.tolist() == idx.tolist()
+
+
+def test_codec_rejects_a_stream_whose_sum_would_wrap_a_32_bit_index():
+    """8-bit units of 255 sum past 2**31 long before their count is reached: the range check runs
+    in 64 bits first, so a wrapped (negative or small) running sum can never pass as an index."""
+    units = 2**31 // 255 + 8
+    packed = torch.full((units // 8, 8), 255, dtype=torch.uint8)
+    with pytest.raises(index_codec.IndexCodecError, match="index out of range"):
+        index_codec.decode(packed, units // 8 * 8, 2**20)
+    with pytest.raises(index_codec.IndexCodecError, match="length mismatch: 3 indices for 4 values"):
+        index_codec.decode(index_codec.encode(torch.tensor([1, 2, 3])), 4, 10)
+
+
 def test_codec_rejects_unsorted_input():
     with pytest.raises(ValueError, match="sorted"):
         index_codec.encode(torch.tensor([3, 1]))

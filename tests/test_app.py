@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.cli import parse_args
-from app.studio import NONE, Studio, build_ui, load_pipeline
+from shira_diffusion.app.cli import parse_args
+from shira_diffusion.app.studio import NONE, Studio, build_ui, load_pipeline
 from shira_diffusion import SparseAdapter, find_targets
 from shira_diffusion.testing import random_adapter, tiny_sdxl_pipeline
 
@@ -29,8 +29,8 @@ def test_defaults_bind_locally_and_do_not_share():
 
 
 def test_no_flags_opens_on_the_demo_model_with_its_adapters(monkeypatch, capsys):
-    import app.cli
-    import app.studio
+    import shira_diffusion.app.cli as app_cli
+    import shira_diffusion.app.studio as app_studio
     from shira_diffusion.demo.model import ADAPTERS_DIR
 
     launched = {}
@@ -39,8 +39,8 @@ def test_no_flags_opens_on_the_demo_model_with_its_adapters(monkeypatch, capsys)
         def launch(self, **kwargs):
             launched.update(kwargs)
 
-    monkeypatch.setattr(app.studio, "build_ui", lambda studio: launched.setdefault("studio", studio) and Page())
-    app.cli.main([])
+    monkeypatch.setattr(app_studio, "build_ui", lambda studio: launched.setdefault("studio", studio) and Page())
+    app_cli.main([])
     studio = launched["studio"]
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False
     assert "Built-in demo model" in studio.label
@@ -203,7 +203,7 @@ def test_demo_notes_name_every_word_the_model_knows():
 def test_start_up_prints_no_third_party_noise():
     """Loading the demo model and its 18 adapters, as `python -m app` does: no torchvision notice,
     no `torch_dtype` deprecation, no per-LoRA-file progress bars."""
-    code = ("from app.studio import Studio, load_pipeline\n"
+    code = ("from shira_diffusion.app.studio import Studio, load_pipeline\n"
             "from shira_diffusion.demo.model import ADAPTERS_DIR\n"
             "pipe, notes = load_pipeline('demo')\n"
             "print(len(Studio(pipe, **notes).scan(ADAPTERS_DIR)))\n")

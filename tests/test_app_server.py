@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from app.studio import NONE, Studio, build_ui, demo_label
+from shira_diffusion.app.studio import NONE, Studio, build_ui, demo_label
 from shira_diffusion import find_targets
 from shira_diffusion.testing import random_adapter, tiny_sdxl_pipeline
 

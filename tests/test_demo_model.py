@@ -133,7 +133,7 @@ def test_world_rebuilds_with_one_command(tmp_path):
 
 
 def test_the_studio_opens_on_a_prompt_the_demo_model_draws(demo):
-    from app.studio import DEMO_EXAMPLE
+    from shira_diffusion.app.studio import DEMO_EXAMPLE
 
     scene = world.parse_caption(DEMO_EXAMPLE)
     readings = [generate(demo, [scene], seed=seed)[0] for seed in range(4)]

@@ -41,7 +41,7 @@ train = _load_script()
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     tiny_sdxl_pipeline(seed=0).save_pretrained(root / "model")
-    tiny_sdxl_pipeline(seed=0).to(torch.float16).save_pretrained(root / "model_fp16")  # as assets/demo and hub SDXL ship
+    tiny_sdxl_pipeline(seed=0).to(torch.float16).save_pretrained(root / "model_fp16")  # as shira_diffusion/assets/demo and hub SDXL ship
     images = root / "instance"
     images.mkdir()
     for i, colour in enumerate(["red", "blue", "green"]):
@@ -264,7 +264,7 @@ def test_two_process_ddp_run_matches_the_adapter_format(world, tmp_path):
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_validation_on_an_fp16_folder_on_a_cpu(world, tmp_path, precision):
-    """Saved in fp16 (as assets/demo is): validation and class images run in the training dtype, the VAE in fp32."""
+    """Saved in fp16 (as shira_diffusion/assets/demo is): validation and class images run in the training dtype, the VAE in fp32."""
     args = base_args(world, tmp_path, "--pretrained_model_name_or_path", str(world / "model_fp16"), "--max_train_steps", "1",
                      "--cache_latents", "--validation_prompt", "a sks blob", "--num_validation_images", "1",
                      "--validation_inference_steps", "2", "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"),

@@ -1,7 +1,7 @@
 """Rebuild the whole demo world from seeds: the base model, the instance images, every demo adapter.
 
     python training/build_demo_world.py                   # everything, ~70 min on 2 CPU cores
-    python training/build_demo_world.py --skip_base       # adapters only, on the existing assets/demo
+    python training/build_demo_world.py --skip_base       # adapters only, on the existing shira_diffusion/assets/demo
 
 Each concept (the ``sks`` subject and the ``bluefire`` / ``paintings`` styles) is learnt from 5
 rendered instance images (varied on purpose: a style's five show five colours and every shape)
@@ -10,7 +10,7 @@ with each mask kind and LoRA, all at the same parameter count (LoRA rank ``--ran
 ``rank * (rows + cols)`` entries per weight). Prior preservation uses rendered, captioned plain
 scenes as the class images (the base model's own training distribution), so an adapter learns
 its concept without forgetting the rest of the world. Every concept gets its own mask seed, as
-independently trained adapters would. The adapters land in ``assets/adapters`` as
+independently trained adapters would. The adapters land in ``shira_diffusion/assets/adapters`` as
 ``<concept>-<type>.safetensors`` with a ``manifest.json`` that says how each was made.
 """
 
@@ -28,13 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shira_diffusion.demo import world  # noqa: E402
+from shira_diffusion.demo.model import ASSETS  # noqa: E402
 
 TYPES = ("lora", "shira-struct", "shira-rand", "shira-wm", "shira-grad", "shira-snip")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--assets", type=Path, default=ROOT / "assets", help="writes <assets>/demo and <assets>/adapters")
+    p.add_argument("--assets", type=Path, default=ASSETS, help="writes <assets>/demo and <assets>/adapters")
     p.add_argument("--work_dir", type=Path, default=ROOT / "build" / "demo_world", help="instance images and training runs")
     p.add_argument("--skip_base", action="store_true", help="keep the existing base model")
     p.add_argument("--base_args", default="", help="extra arguments for train_demo_base.py, e.g. '--unet_steps 100'")

@@ -1,4 +1,4 @@
-"""Train the demo model (``assets/demo``) from scratch on rendered demo-world images.
+"""Train the demo model (``shira_diffusion/assets/demo``) from scratch on rendered demo-world images.
 
 Two stages on the CPU, deterministic for a seed:
 
@@ -11,7 +11,7 @@ Two stages on the CPU, deterministic for a seed:
    those are what the demo adapters teach. Captions are dropped 10 % of the time to zero
    embeddings, which is what the SDXL pipeline feeds the unconditional branch.
 
-    python training/train_demo_base.py --output_dir assets/demo          # ~39 min on 2 cores
+    python training/train_demo_base.py --output_dir shira_diffusion/assets/demo          # ~39 min on 2 cores
     python training/train_demo_base.py --output_dir /tmp/d --vae_steps 5 --unet_steps 5   # smoke run
 """
 

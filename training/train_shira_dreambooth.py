@@ -199,7 +199,7 @@ def inference_pipeline(args, models: dict, accelerator, weight_dtype: torch.dtyp
     part agrees with the others, whatever dtype the folder was saved in."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    from shira_diffusion.pipeline import dtype_kwargs
+    from shira_diffusion.loading import dtype_kwargs
 
     parts = {k: accelerator.unwrap_model(v) if isinstance(v, torch.nn.Module) else v
              for k, v in models.items() if v is not None and k != "scheduler"}

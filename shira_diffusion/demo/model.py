@@ -2,7 +2,7 @@
 
 Same architecture as SDXL (two CLIP text encoders, ``text_time`` UNet conditioning, AutoencoderKL,
 Euler scheduler), shrunk so that it trains on two CPU cores and renders 64x64 in about a second.
-The trained weights live in ``assets/demo`` as an ordinary diffusers folder.
+The trained weights live in ``shira_diffusion/assets/demo`` (package data) as an ordinary diffusers folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 
 from .world import vocabulary
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, when run from one
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # package data: in a checkout and in an installed wheel
 DEMO_DIR = ASSETS / "demo"
 ADAPTERS_DIR = ASSETS / "adapters"
 REBUILD = "python training/build_demo_world.py"
@@ -24,11 +25,9 @@ REBUILD = "python training/build_demo_world.py"
 def recorded_config(args) -> dict[str, str]:
     """A script's arguments as its JSON records them: paths inside the checkout relative to it,
     so a shipped record names no machine's folders."""
-    root = ASSETS.parent.resolve()
-
     def text(value):
-        if isinstance(value, Path) and value.resolve().is_relative_to(root):
-            return str(value.resolve().relative_to(root))
+        if isinstance(value, Path) and value.resolve().is_relative_to(ROOT):
+            return str(value.resolve().relative_to(ROOT))
         return str(value)
 
     return {k: text(v) for k, v in vars(args).items()}
@@ -131,10 +130,10 @@ def demo_components(seed: int = 0) -> dict[str, Any]:
 
 
 def load_demo_pipeline(torch_dtype: torch.dtype = torch.float32):
-    """The trained demo pipeline from ``assets/demo`` (offline)."""
+    """The trained demo pipeline from the package's ``assets/demo`` (offline)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from ..pipeline import dtype_kwargs
+    from ..loading import dtype_kwargs
 
     if not (DEMO_DIR / "model_index.json").is_file():
         raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; rebuild it with `{REBUILD}`")

@@ -1,4 +1,4 @@
-"""``python -m app``: start the studio."""
+"""``shira studio`` / ``python -m app``: start the studio."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 DEMO = "demo"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m app") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m app",
+        prog=prog,
         description=(
             "shira-studio: load an SDXL pipeline once, then swap SHiRA adapters in place between "
             "generations. With no flags it opens offline on the built-in demo model (a small SDXL-architecture "
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--adapters-dir",
         default=None,
         help="folder scanned for SHiRA and LoRA .safetensors adapters (default with --model demo: the demo adapters in "
-        "assets/adapters; pass '' for none)",
+        "shira_diffusion/assets/adapters; pass '' for none)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the studio to your network")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
@@ -41,29 +41,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="weight dtype (auto: fp16 on CUDA, fp32 on CPU)",
     )
+    parser.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
+                        help="model: one component at a time on the GPU (SDXL in ~12 GB); sequential: layer by layer (~8 GB, slower)")
+    parser.add_argument("--vae", default=None, metavar="ID_OR_PATH",
+                        help="a separate VAE (hub id, folder or .safetensors); for fp16 SDXL the fp16-fix VAE avoids fp32 decodes")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet once (switching never recompiles)")
+    parser.add_argument("--config", default=None, metavar="FOLDER",
+                        help="with a single-file --model: a local diffusers folder holding its configs and tokenizers (offline)")
     parser.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter file accepted")
+    parser.add_argument("--max-adapters-mb", type=int, default=None,
+                        help="host memory all loaded adapters may hold together (default: no limit)")
+    parser.add_argument("--max-backup-mb", type=int, default=None,
+                        help="host memory for exact-restore copies of LoRA-covered weights (default: no limit)")
     args = parser.parse_args(argv)
     if args.auth is not None and ":" not in args.auth:
         parser.error("--auth must look like user:password")
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    from .studio import Studio, build_ui, load_pipeline
+def _mb(value: int | None) -> int | None:
+    return None if value is None else value * 2**20
 
+
+def main(argv: list[str] | None = None, prog: str = "python -m app") -> None:
+    args = parse_args(argv, prog)
+    from . import studio as page
+
+    options = dict(offload=args.offload, vae=args.vae, compile=args.compile, config=args.config)
     try:
-        pipe, notes = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe, notes = page.load_pipeline(args.model, device=args.device, dtype=args.dtype, **options)
     except (OSError, ValueError) as err:
         sys.exit(f"cannot load --model {args.model!r}: {err}")
-    studio = Studio(pipe, **notes, max_bytes=args.max_upload_mb * 2**20)
+    studio = page.Studio(pipe, **notes, max_bytes=_mb(args.max_upload_mb), max_adapter_bytes=_mb(args.max_adapters_mb),
+                         max_backup_bytes=_mb(args.max_backup_mb))
     adapters_dir = args.adapters_dir
     if adapters_dir is None and args.model == DEMO:
-        from shira_diffusion.demo.model import ADAPTERS_DIR
+        from ..demo.model import ADAPTERS_DIR
 
         adapters_dir = ADAPTERS_DIR
     if adapters_dir:
         for line in studio.scan(adapters_dir):
             print(line)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    build_ui(studio).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)
+    page.build_ui(studio).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from shira_diffusion import AdapterError, ShiraPipelineSwitcher
-from shira_diffusion.pipeline import DEMO, TINY, load_pipeline as load_shira_pipeline
+from .. import AdapterError, ShiraPipelineSwitcher
+from ..loading import DEMO, TINY, load_pipeline as load_shira_pipeline
 
 NONE = "(base model)"
 FUSE_SLOTS = 4
@@ -23,7 +23,7 @@ DEMO_EXAMPLE = "a red star on a white background, in the center"
 
 
 def demo_label() -> str:
-    from shira_diffusion.demo import world
+    from ..demo import world
 
     words = lambda names: ", ".join(names)  # noqa: E731
     return (
@@ -41,12 +41,13 @@ def demo_label() -> str:
 TINY_LABEL = "**Tiny random-weight pipeline**: SDXL architecture, images are noise; for trying the controls."
 
 
-def load_pipeline(model: str, device: str | None = None, dtype: str = "auto"):
-    """``(pipeline, notes)``: the notes (``label``, ``example``, ``vocabulary``) say what the studio is showing."""
-    pipe = load_shira_pipeline(model, device=device, dtype=dtype)
+def load_pipeline(model: str, device: str | None = None, dtype: str = "auto", **options):
+    """``(pipeline, notes)``: the notes (``label``, ``example``, ``vocabulary``) say what the studio
+    is showing; ``options`` (offload, vae, compile, config, loader keywords): see ``shira_diffusion.loading``."""
+    pipe = load_shira_pipeline(model, device=device, dtype=dtype, **options)
     pipe.set_progress_bar_config(disable=False)
     if model == DEMO:
-        from shira_diffusion.demo import world
+        from ..demo import world
 
         return pipe, {"label": demo_label(), "example": DEMO_EXAMPLE, "vocabulary": frozenset(world.vocabulary())}
     return pipe, {"label": TINY_LABEL if model == TINY else f"SDXL pipeline: `{model}`"}
@@ -70,8 +71,9 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 class Studio:
     """What the page does, without the page: testable directly."""
 
-    def __init__(self, pipe, label: str = "", max_bytes: int = 512 * 2**20, example: str = EXAMPLE, vocabulary=None) -> None:
-        self.switcher = ShiraPipelineSwitcher(pipe)
+    def __init__(self, pipe, label: str = "", max_bytes: int = 512 * 2**20, example: str = EXAMPLE, vocabulary=None,
+                 max_adapter_bytes: int | None = None, max_backup_bytes: int | None = None) -> None:
+        self.switcher = ShiraPipelineSwitcher(pipe, max_adapter_bytes=max_adapter_bytes, max_backup_bytes=max_backup_bytes)
         self.pipe = pipe
         self.label = label
         self.max_bytes = max_bytes
