@@ -166,12 +166,38 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | torch.dtyp
         if offload == "model":
             pipe.enable_model_cpu_offload(device=device)
         elif offload == "sequential":
+            check_sequential_offload(device)
             pipe.enable_sequential_cpu_offload(device=device)
         else:
             pipe.to(device)
     if compile:
         pipe.unet.compile()  # in place: pipe.unet stays the module the adapters write into
     return pipe
+
+
+def check_sequential_offload(device: str) -> None:
+    """Raise a clear ``ValueError`` if accelerate's per-layer offload hooks cannot round-trip a
+    weight to ``device`` here (with torch 2.13 and accelerate 1.15 a parameter comes back from the
+    execution device as a plain tensor, and the next move to ``meta`` raises a ``TypeError``
+    deep inside the first generation). Probed on a 2x2 layer before the pipeline is touched."""
+    import accelerate
+    from accelerate import cpu_offload
+
+    target = torch.device(device)
+    if target.index is None and target.type != "cpu":
+        target = torch.device(target.type, 0)
+    if target.type == "cpu":
+        target = torch.device("cpu", 0)  # what diffusers' enable_sequential_cpu_offload passes
+    probe = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    cpu_offload(probe, execution_device=target)
+    try:
+        for _ in range(2):
+            probe(torch.zeros(1, 2, device=target))
+    except TypeError as err:
+        raise ValueError(
+            f"sequential offload does not work with torch {torch.__version__} and accelerate {accelerate.__version__} "
+            f"on {target} ({err.args[0].splitlines()[0]}); use offload='model' (--offload model), which keeps SDXL "
+            "within ~12 GB, or another accelerate release") from None
 
 
 @contextlib.contextmanager

@@ -174,13 +174,13 @@ class ShiraPipelineSwitcher:
 
     def img2img(self, prompt=None, image=None, *args, adapters=_KEEP, adapter_weights=None, controlnet=None, **kwargs):
         """diffusers' img2img pipeline on this switcher's weights (``strength`` etc. as there)."""
-        return self._generate(self.pipeline("img2img", controlnet), prompt, (image, *args), adapters, adapter_weights, kwargs)
+        return self._generate(self.pipeline("img2img", controlnet), prompt, args, adapters, adapter_weights, dict(kwargs, image=image))
 
     def inpaint(self, prompt=None, image=None, mask_image=None, *args, adapters=_KEEP, adapter_weights=None, controlnet=None,
                 **kwargs):
         """diffusers' inpainting pipeline on this switcher's weights (white in ``mask_image`` is repainted)."""
-        return self._generate(self.pipeline("inpaint", controlnet), prompt, (image, mask_image, *args), adapters, adapter_weights,
-                              kwargs)
+        return self._generate(self.pipeline("inpaint", controlnet), prompt, args, adapters, adapter_weights,
+                              dict(kwargs, image=image, mask_image=mask_image))
 
     def pipeline(self, kind: str | type = "img2img", controlnet=None, **components):
         """A diffusers pipeline of ``kind`` (``text2img``, ``img2img``, ``inpaint`` or a pipeline

@@ -185,6 +185,32 @@ def tiny_sdxl_pipeline(seed: int = 0):
     return pipe
 
 
+def tiny_sd_pipeline(seed: int = 0):
+    """A tiny random-weight ``StableDiffusionPipeline`` (the Stable Diffusion 1.5 layout: one CLIP
+    text encoder, no added conditioning); 64x64 output, fully offline."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    parts = tiny_sdxl_components(seed)
+    with _seeded(seed + 1):
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=32,
+            norm_num_groups=1,
+        )
+    pipe = StableDiffusionPipeline(unet=unet.eval().requires_grad_(False), vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                   tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
