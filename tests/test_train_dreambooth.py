@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from shira_diffusion import ShiraEngine, SparseAdapter, find_targets
-from shira_diffusion.testing import tiny_sdxl_pipeline
+from shira_diffusion.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_shira_dreambooth.py"
@@ -41,6 +41,7 @@ train = _load_script()
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     tiny_sdxl_pipeline(seed=0).save_pretrained(root / "model")
+    tiny_sd_pipeline(seed=0).save_pretrained(root / "model_sd15")  # Stable Diffusion 1.5's layout
     tiny_sdxl_pipeline(seed=0).to(torch.float16).save_pretrained(root / "model_fp16")  # as shira_diffusion/assets/demo and hub SDXL ship
     images = root / "instance"
     images.mkdir()
@@ -135,6 +136,45 @@ def test_text_encoders_train_too(world, tmp_path):
     assert set(adapter.components) == {"unet", "text_encoder", "text_encoder_2"}
     te = [d for k, d in adapter.deltas.items() if k.startswith("text_encoder")]
     assert te and sum(int(torch.count_nonzero(d.values)) for d in te) > 0
+
+
+def test_stable_diffusion_1_5_trains_shira_and_lora_with_its_one_text_encoder(world, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from shira_diffusion import ShiraPipelineSwitcher
+
+    args = ["--pretrained_model_name_or_path", str(world / "model_sd15"), "--max_train_steps", "2", "--validation_prompt", "sks",
+            "--num_validation_images", "1", "--validation_inference_steps", "2"]
+    shira = train.main(base_args(world, tmp_path / "shira", "--train_text_encoder", *args))
+    adapter = SparseAdapter.load(shira)
+    assert set(adapter.components) == {"unet", "text_encoder"}  # no text_encoder_2 asked of a one-encoder model
+    assert (tmp_path / "shira" / "validation").is_dir()
+    lora = train.main(base_args(world, tmp_path / "lora", "--adapter_type", "lora", "--train_text_encoder", *args))
+    pipe = StableDiffusionPipeline.from_pretrained(str(world / "model_sd15"))
+    pipe.set_progress_bar_config(disable=True)
+    sw = ShiraPipelineSwitcher(pipe)
+    sw.load_adapter(shira, "shira")
+    sw.load_adapter(lora, "lora")
+    assert sorted(sw.list_adapters()["lora"]["components"]) == ["text_encoder", "unet"]
+
+    def image(adapters):
+        return sw("a photo of sks blob", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                  adapters=adapters).images
+
+    base = image(None)
+    assert not torch.equal(image("shira"), base) and not torch.equal(image("lora"), base)
+    assert torch.equal(image(None), base)
+
+
+def test_unsupported_pipeline_classes_are_refused_before_loading(world, tmp_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    folder = tmp_path / "img2img"
+    StableDiffusionXLImg2ImgPipeline.from_pipe(tiny_sdxl_pipeline(), dtype=torch.float32).save_pretrained(folder)
+    args = base_args(world, tmp_path / "out")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(folder)
+    with pytest.raises(SystemExit, match="StableDiffusionXLImg2ImgPipeline is not supported; train an SDXL"):
+        train.main(args)
 
 
 def test_prior_preservation_generates_missing_class_images(world, tmp_path):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DreamBooth fine-tuning of SDXL with a Sparse High Rank Adapter (or, for comparison, a LoRA).
+"""DreamBooth fine-tuning of SDXL (or Stable Diffusion 1.x/2.x) with a Sparse High Rank Adapter (or, for comparison, a LoRA).
 
     accelerate launch training/train_shira_dreambooth.py \\
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
@@ -47,7 +47,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="hub id, local diffusers SDXL folder, or 'demo' (the built-in demo model)")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers folder of an SDXL or Stable Diffusion 1.x/2.x model, or 'demo' (the built-in demo model)")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="a separate VAE (e.g. an fp16-safe one)")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
@@ -133,6 +133,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- models -------------------------------------------------------------------------------------
 
 
+def pipeline_class(args) -> str:
+    """The model's pipeline class (its ``model_index.json``): SDXL, or Stable Diffusion 1.x/2.x
+    (one text encoder, no pooled embedding or time ids); anything else is refused up front."""
+    from diffusers import DiffusionPipeline
+
+    from shira_diffusion.loading import SUPPORTED
+
+    name = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision).get("_class_name")
+    if name not in SUPPORTED:
+        raise SystemExit(f"{args.pretrained_model_name_or_path}: {name} is not supported; train an SDXL "
+                         "(StableDiffusionXLPipeline) or Stable Diffusion 1.x/2.x (StableDiffusionPipeline) model")
+    return name
+
+
 def load_components(args) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -140,19 +154,26 @@ def load_components(args) -> dict:
     src = dict(revision=args.revision)
     name = args.pretrained_model_name_or_path
     vae_src = args.pretrained_vae_model_name_or_path
+    sdxl = args.pipeline_class == "StableDiffusionXLPipeline"
     return {
         "tokenizer": AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **src),
-        "tokenizer_2": AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **src),
+        "tokenizer_2": AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **src) if sdxl else None,
         "text_encoder": CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=args.variant, **src),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", variant=args.variant, **src),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", variant=args.variant, **src)
+        if sdxl else None,
         "vae": AutoencoderKL.from_pretrained(vae_src or name, subfolder=None if vae_src else "vae", variant=None if vae_src else args.variant, **src),
         "unet": UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=args.variant, **src),
         "scheduler": DDPMScheduler.from_pretrained(name, subfolder="scheduler", **src),
     }
 
 
-def encode_prompts(models: dict, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL conditioning: penultimate hidden states of both encoders, pooled output of the second."""
+def encode_prompts(models: dict, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDXL conditioning: penultimate hidden states of both encoders, pooled output of the second.
+    Stable Diffusion 1.x/2.x: the one encoder's last hidden state, nothing pooled."""
+    if models["tokenizer_2"] is None:
+        tok, enc = models["tokenizer"], models["text_encoder"]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return enc(ids.to(enc.device))[0], None
     embeds, pooled = [], None
     for tok, enc in ((models["tokenizer"], models["text_encoder"]), (models["tokenizer_2"], models["text_encoder_2"])):
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -194,10 +215,11 @@ def set_cpu_threads(args, accelerator) -> None:
 
 
 def inference_pipeline(args, models: dict, accelerator, weight_dtype: torch.dtype):
-    """An SDXL pipeline over the components loaded for training (as trained so far). Components
+    """The model's own pipeline (SDXL or SD 1.x/2.x) over the components loaded for training (as trained so far). Components
     freed after caching come back in the dtype training runs them in (the VAE in fp32), so every
     part agrees with the others, whatever dtype the folder was saved in."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    import diffusers
+    from diffusers import AutoencoderKL
 
     from shira_diffusion.loading import dtype_kwargs
 
@@ -208,7 +230,7 @@ def inference_pipeline(args, models: dict, accelerator, weight_dtype: torch.dtyp
         parts["vae"] = AutoencoderKL.from_pretrained(vae_src or args.pretrained_model_name_or_path, subfolder=None if vae_src else "vae",
                                                      variant=None if vae_src else args.variant, revision=args.revision,
                                                      **dtype_kwargs(torch.float32))
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+    pipe = getattr(diffusers, args.pipeline_class).from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                                      **parts, **dtype_kwargs(weight_dtype))
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
@@ -298,7 +320,7 @@ def attach_lora(models: dict, weights: dict, rank: int) -> list[torch.nn.Paramet
 
 
 def save_lora(models: dict, path: Path) -> None:
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -308,6 +330,9 @@ def save_lora(models: dict, path: Path) -> None:
             return None
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
 
+    if models.get("tokenizer_2") is None:  # Stable Diffusion 1.x/2.x: its own LoRA file layout
+        StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=layers("unet"), text_encoder_lora_layers=layers("text_encoder"))
+        return
     StableDiffusionXLPipeline.save_lora_weights(
         str(path),
         unet_lora_layers=layers("unet"),
@@ -408,7 +433,8 @@ def diffusion_loss(args, models, batch, step_seed: int) -> torch.Tensor:
         embeds, pooled = encode_prompts(models, batch["prompts"])
     else:
         embeds, pooled = batch["embeds"], batch["pooled"]
-    pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
+    added = None if batch["time_ids"] is None else {"text_embeds": pooled, "time_ids": batch["time_ids"]}
+    pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
     per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
@@ -465,17 +491,23 @@ def main(argv: list[str] | None = None) -> Path:
 
     set_cpu_threads(args, accelerator)
 
+    args.pipeline_class = pipeline_class(args)
     models = load_components(args)
+    if models["text_encoder_2"] is None and "text_encoder_2" in args.targets:
+        args.targets = [c for c in args.targets if c != "text_encoder_2"]  # Stable Diffusion 1.x/2.x has one text encoder
+        logger.info("one text encoder (%s): targets %s", args.pipeline_class, ", ".join(args.targets))
     check_resolution(args, native_resolution(models))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        models[name].requires_grad_(False)
+        if models[name] is not None:
+            models[name].requires_grad_(False)
     train_text = any(c in args.targets for c in ("text_encoder", "text_encoder_2"))
     # base weights live in the mixed-precision dtype (as for LoRA); trained values stay fp32
     models["vae"].to(device, dtype=torch.float32)
     for name in ("unet", "text_encoder", "text_encoder_2"):
-        models[name].to(device, dtype=weight_dtype)
+        if models[name] is not None:
+            models[name].to(device, dtype=weight_dtype)
 
     instance = load_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip, args.seed)
     klass: list[Example] = []
@@ -506,7 +538,7 @@ def main(argv: list[str] | None = None) -> Path:
         with torch.no_grad():
             for prompt in sorted({e.prompt for e in instance + klass}):
                 embeds, pooled = encode_prompts(models, [prompt])
-                embed_cache[prompt] = (embeds[0], pooled[0])
+                embed_cache[prompt] = (embeds[0], None if pooled is None else pooled[0])
         for name in ("text_encoder", "text_encoder_2"):
             models[name] = None  # freed: prompts are encoded once
 
@@ -519,10 +551,11 @@ def main(argv: list[str] | None = None) -> Path:
             latents = torch.stack([latent_cache[id(e)] for e in examples])
         else:
             latents = latents_of(examples)
-        batch = {"latents": latents, "time_ids": time_ids(examples, args.resolution).to(device), "n_instance": len(inst)}
+        sdxl = models["tokenizer_2"] is not None
+        batch = {"latents": latents, "time_ids": time_ids(examples, args.resolution).to(device) if sdxl else None, "n_instance": len(inst)}
         if embed_cache:
             batch["embeds"] = torch.stack([embed_cache[e.prompt][0] for e in examples])
-            batch["pooled"] = torch.stack([embed_cache[e.prompt][1] for e in examples])
+            batch["pooled"] = torch.stack([embed_cache[e.prompt][1] for e in examples]) if sdxl else None
         else:
             batch["embeds"] = batch["pooled"] = None
             batch["prompts"] = [e.prompt for e in examples]
