@@ -59,3 +59,20 @@ def test_concept_retention_smoke(tmp_path):
     assert 0.0 <= row["fused"]["sks+bluefire"]["overlap"] < 0.5  # each concept has its own mask seed
     assert set(data["aim"]) == {"shira-rand"} or row["mean_retention"] is None
     assert data["figure_rows"][0] == "lora sks+bf" and (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_gpu_check_runs_its_whole_code_path_on_a_cpu(tmp_path):
+    """``--device cpu --reduced``: every section of the prepared GPU check, on the tiny UNet."""
+    run("gpu_check.py", "--device", "cpu", "--reduced", "--repeats", "1", "--ranks", "16", "--out", str(tmp_path / "g.json"))
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert not [k for k, v in data.items() if isinstance(v, dict) and "error" in v]
+    switching = data["switching_r16"]
+    assert switching["ours"]["accounting_inactive"] == {"a": {"host_bytes": 196608, "device_bytes": 0},
+                                                        "b": {"host_bytes": 196608, "device_bytes": 0}}
+    assert {"diffusers_switch_fused_over_ours", "diffusers_load_apply_over_ours", "diffusers_fuse2_over_ours",
+            "diffusers_hotswap_over_ours_switch"} <= set(switching["ratios"])
+    assert set(data["denoise"]) >= {"batch_1", "batch_4"} and "lora_unfused_over_base" in data["denoise"]["batch_4"]
+    training = data["training"]
+    assert {"ours_rand", "ours_struct", "peft_lora"} == set(training) and all("error" not in r for r in training.values())
+    assert training["ours_rand"]["trainable_params"] == training["peft_lora"]["trainable_params"]
+    assert training["ours_rand"]["checkpointing"] is True and training["ours_rand"]["precision"] == "bf16"
