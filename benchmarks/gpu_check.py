@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from common import median  # benchmarks/ is on the path when run as a script
-from switching import lora_files
+from switching import lora_files, time_load_and_apply
 from shira_diffusion import ShiraEngine, SparseAdapter, find_targets
 from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
 
@@ -83,16 +83,7 @@ def bench_switching(unet, weights, rank: int, folder: Path, args) -> dict:
     loras = lora_files(weights, rank, dtype, folder, seeds=(1, 2))
     ours: dict = {"entries": sum(rank * sum(w.shape) for w in weights.values()), "file_bytes": files[0].stat().st_size}
     engine = ShiraEngine({"unet": unet})
-
-    def load_and_apply():
-        engine.stage("a", SparseAdapter.load(files[0]))
-        engine.apply("a")
-
-    def unload():
-        engine.restore()
-        engine.unstage("a")
-
-    ours["load_and_apply_s"] = median(load_and_apply, args.repeats, after=unload)
+    ours["load_and_apply_s"] = time_load_and_apply(engine, files[0], args.repeats)
     before = allocated(device)
     for name, path in zip("ab", files):
         engine.stage(name, SparseAdapter.load(path))

@@ -190,25 +190,28 @@ class ShiraPipelineSwitcher:
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
         if controlnet is not None:
+            if not hasattr(self.pipe.unet, "_hf_hook"):  # offloaded pipelines: placing it is the caller's (accelerate's) job
+                controlnet.to(device=self.pipe.unet.device, dtype=self.pipe.unet.dtype)
             components["controlnet"] = controlnet
         key = (kind, tuple(sorted((name, id(c)) for name, c in components.items())))
-        if key not in self._pipes:
-            if isinstance(kind, str):
-                auto = {"text2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
-                        "inpaint": AutoPipelineForInpainting}.get(kind)
-                if auto is None:
-                    raise ValueError(f"unknown pipeline kind {kind!r}; one of {', '.join(KINDS)} or a diffusers pipeline class")
-                if kind == "text2img" and not components:
-                    return self.pipe
-            else:
-                auto = kind
-            # the dtype keeps from_pipe from casting the shared components (its default is fp32)
-            new = auto.from_pipe(self.pipe, dtype=self.pipe.unet.dtype, **components)
-            if new.unet is not self.pipe.unet:
-                raise ValueError(f"{type(new).__name__} did not take this pipeline's UNet; adapters would not reach it")
-            if hasattr(new, "set_progress_bar_config") and hasattr(self.pipe, "_progress_bar_config"):
-                new.set_progress_bar_config(**self.pipe._progress_bar_config)
-            self._pipes[key] = new
+        if isinstance(kind, str):
+            auto = {"text2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+                    "inpaint": AutoPipelineForInpainting}.get(kind)
+            if auto is None:
+                raise ValueError(f"unknown pipeline kind {kind!r}; one of {', '.join(KINDS)} or a diffusers pipeline class")
+            if kind == "text2img" and not components:
+                return self.pipe
+        else:
+            auto = kind
+        with self.engine.lock:  # from_pipe touches the shared components: never during a generation
+            if key not in self._pipes:
+                # the dtype keeps from_pipe from casting the shared components (its default is fp32)
+                new = auto.from_pipe(self.pipe, dtype=self.pipe.unet.dtype, **components)
+                if new.unet is not self.pipe.unet:
+                    raise ValueError(f"{type(new).__name__} did not take this pipeline's UNet; adapters would not reach it")
+                if hasattr(new, "set_progress_bar_config") and hasattr(self.pipe, "_progress_bar_config"):
+                    new.set_progress_bar_config(**self.pipe._progress_bar_config)
+                self._pipes[key] = new
         return self._pipes[key]
 
     def generate(self, pipe, *args, adapters=_KEEP, adapter_weights=None, **kwargs):

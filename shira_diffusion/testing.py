@@ -98,8 +98,8 @@ def tiny_clip_tokenizer(max_length: int = 77):
     return byte_bpe_tokenizer([("t", "h"), ("th", "e</w>"), ("i", "n"), ("o", "n</w>")], max_length)
 
 
-def tiny_sdxl_unet(seed: int = 0):
-    """A tiny UNet2DConditionModel with SDXL's layout (``text_time`` conditioning, 2 blocks)."""
+def _tiny_unet(seed: int, **layout):
+    """Two blocks of 32/64 channels, frozen; ``layout`` adds the family's conditioning."""
     from diffusers import UNet2DConditionModel
 
     with _seeded(seed):
@@ -112,15 +112,23 @@ def tiny_sdxl_unet(seed: int = 0):
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
-            cross_attention_dim=64,  # 32 + 32 from the two text encoders
             norm_num_groups=1,
+            **layout,
         )
     return unet.eval().requires_grad_(False)
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """A tiny UNet2DConditionModel with SDXL's layout (``text_time`` conditioning, 2 blocks)."""
+    return _tiny_unet(
+        seed,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
+        cross_attention_dim=64,  # 32 + 32 from the two text encoders
+    )
 
 
 def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
@@ -188,23 +196,11 @@ def tiny_sdxl_pipeline(seed: int = 0):
 def tiny_sd_pipeline(seed: int = 0):
     """A tiny random-weight ``StableDiffusionPipeline`` (the Stable Diffusion 1.5 layout: one CLIP
     text encoder, no added conditioning); 64x64 output, fully offline."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     parts = tiny_sdxl_components(seed)
-    with _seeded(seed + 1):
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            cross_attention_dim=32,
-            norm_num_groups=1,
-        )
-    pipe = StableDiffusionPipeline(unet=unet.eval().requires_grad_(False), vae=parts["vae"], text_encoder=parts["text_encoder"],
+    unet = _tiny_unet(seed + 1, cross_attention_dim=32)  # one 32-wide text encoder
+    pipe = StableDiffusionPipeline(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"],
                                    tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -216,6 +212,15 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_adapter(

@@ -1,7 +1,6 @@
 """The studio served for real on a free local port: an API client and a headless browser drive it."""
 
 import shutil
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -9,15 +8,9 @@ from PIL import Image
 
 from shira_diffusion.app.studio import NONE, Studio, build_ui, demo_label
 from shira_diffusion import find_targets
-from shira_diffusion.testing import random_adapter, tiny_sdxl_pipeline
+from shira_diffusion.testing import free_port, random_adapter, tiny_sdxl_pipeline
 
 FUSE_OFF = ["", 1.0] * 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

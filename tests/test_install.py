@@ -2,7 +2,6 @@
 ``shira studio`` command serves the studio's API on the demo model from outside the checkout."""
 
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -11,13 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from shira_diffusion.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
