@@ -135,12 +135,13 @@ def calibration_scores(
     loss_fn: Callable[[object], torch.Tensor],
     batches: Iterable[object],
 ) -> dict[str, torch.Tensor]:
-    """Sum of ``|d loss / d weight|`` over ``batches`` for each weight in ``params`` (fp32, CPU).
+    """Sum of ``|d loss / d weight|`` over ``batches`` for each weight in ``params``, in fp32 on
+    the weight's device (no host copy per step; several processes sum theirs before choosing a mask).
 
     The weights get ``requires_grad`` only for the duration; their ``.grad`` is left as it was.
     """
     saved = {k: (p.requires_grad, p.grad) for k, p in params.items()}
-    totals = {k: torch.zeros(p.shape, dtype=torch.float32) for k, p in params.items()}
+    totals = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in params.items()}
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -149,7 +150,7 @@ def calibration_scores(
             loss_fn(batch).backward()
             for k, p in params.items():
                 if p.grad is not None:
-                    totals[k] += p.grad.detach().abs().float().cpu()
+                    totals[k] += p.grad.detach().abs()
                     p.grad = None
     finally:
         for k, p in params.items():

@@ -85,8 +85,10 @@ class SparseTraining:
             idx = masks[key].to(w.device, torch.int32 if w.numel() < 2**31 else torch.int64)
             w.requires_grad_(False)
             base = w.detach().view(-1).index_select(0, idx)
-            module.register_buffer("shira_indices", idx, persistent=False)
-            module.register_buffer("shira_base", base, persistent=False)
+            # plain attributes, not buffers: they are not model state, and DDP would resend every
+            # buffer to every rank before each forward (0.14 GB at r16 on SDXL, 0.56 GB at r64)
+            module.shira_indices = idx
+            module.shira_base = base
             module.shira_values = nn.Parameter(base.to(torch.float32, copy=True))
             module.forward = types.MethodType(_sparse_forward, module)
 
@@ -129,5 +131,5 @@ class SparseTraining:
             m.weight.view(-1).index_put_((m.shira_indices,), m.shira_base)
             del m.forward
             del m.shira_values
-            del m._buffers["shira_indices"], m._buffers["shira_base"]
+            del m.shira_indices, m.shira_base
         self.modules = {}

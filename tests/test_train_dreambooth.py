@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,7 +212,12 @@ def test_lora_adapter_type_writes_diffusers_lora(world, tmp_path):
     pipe.load_lora_weights(str(path))
     lora_params = sum(p.numel() for c in ("unet", "text_encoder", "text_encoder_2") for n, p in getattr(pipe, c).named_parameters() if "lora_" in n)
     targets = find_targets(tiny_sdxl_pipeline(), ["unet", "text_encoder", "text_encoder_2"])
-    assert lora_params == sum(2 * (w.shape[0] + w.shape[1]) for w in targets.values())
+    # SDXL reads text encoder 1's penultimate layer: its last layer (of 5 here) is not adapted
+    unused = {k for k in targets if k.startswith("text_encoder.") and ".layers.4." in k}
+    te1_lora = [n for n in pipe.text_encoder.state_dict() if "lora_" in n]
+    assert len(unused) == 4 and te1_lora and not any(".layers.4." in n for n in te1_lora)
+    assert any(".layers.4." in n for n in pipe.text_encoder_2.state_dict() if "lora_" in n)  # its last layer feeds the pooled output
+    assert lora_params == sum(2 * (w.shape[0] + w.shape[1]) for k, w in targets.items() if k not in unused)
 
 
 def test_resume_from_checkpoint_is_bit_exact(world, tmp_path):
@@ -366,3 +372,115 @@ def test_the_documented_demo_recipe_learns_on_the_shipped_fp16_demo(tmp_path):
     images = [sw(prompt, adapters=a, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
               for a in (None, "sks")]
     assert (images[0] - images[1]).abs().max() > 1 / 255  # the adapter changes the prompted image
+
+
+# ---- correct at scale: several processes, memory, loss weighting, augmentation ----------------------
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_the_formula(prediction):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(prediction_type=prediction)
+    t = torch.tensor([0, 10, 250, 500, 999])
+    snr = compute_snr(scheduler, t)
+    want = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1 if prediction == "v_prediction" else snr)
+    assert torch.equal(train.min_snr_weights(scheduler, t, 5.0), want)
+    if prediction == "v_prediction":  # not divided by snr as well
+        assert not torch.allclose(want, torch.minimum(snr, torch.full_like(snr, 5.0)) / snr / (snr + 1))
+
+
+@pytest.mark.parametrize("mask", ["grad", "snip"])
+def test_two_processes_choose_one_mask_and_export_it(world, tmp_path, mask):
+    out = tmp_path / "out"
+    # two real processes on a CPU (MULTI_CPU over gloo): `--cpu --num_processes 2` would start one
+    cmd = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(SCRIPT), *base_args(world, out, "--mask", mask, "--max_train_steps", "1", "--calibration_steps", "2", "--train_batch_size", "1")]
+    env = env_without_venv_on_path(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    digest = re.search(r"mask digest ([0-9a-f]{16}), the same on 2 process\(es\)", run.stderr)
+    assert digest, run.stderr[-2000:]
+    adapter = SparseAdapter.load(out / "shira_adapter.safetensors")
+    assert f"{train.mask_digest({k: d.indices for k, d in adapter.deltas.items()}):016x}" == digest.group(1)
+
+
+def test_processes_that_disagree_on_the_mask_stop():
+    class TwoRanks:
+        device = torch.device("cpu")
+
+        def gather(self, t):
+            return torch.cat([t, t + 1])
+
+    with pytest.raises(RuntimeError, match="the processes chose different masks"):
+        train.agreed_masks(TwoRanks(), {"unet.a": torch.tensor([1, 2])})
+
+
+def test_sparse_training_state_is_not_a_buffer_ddp_would_resend():
+    from shira_diffusion.training import SparseTraining
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    sparse = SparseTraining({"unet": model}, {"unet.0": torch.tensor([1, 5, 7])})
+    assert list(model.buffers()) == [] and model[0].shira_indices.tolist() == [1, 5, 7]
+    sparse.remove()
+    assert not hasattr(model[0], "shira_indices") and not hasattr(model[0], "shira_base")
+
+
+def test_checkpointing_is_on_before_calibration_and_calibration_stays_on_the_device(world, tmp_path, monkeypatch):
+    seen = {}
+    real = train.calibration_scores
+
+    def spy(weights, loss_fn, batches):
+        models_unet = next(iter(weights.values()))
+        seen["device"] = models_unet.device
+        seen["checkpointing"] = unet_ref["unet"].is_gradient_checkpointing
+        out = real(weights, loss_fn, batches)
+        seen["score_devices"] = {v.device for v in out.values()}
+        return out
+
+    unet_ref = {}
+    load = train.load_components
+    monkeypatch.setattr(train, "load_components", lambda args: unet_ref.update(load(args)) or unet_ref)
+    monkeypatch.setattr(train, "calibration_scores", spy)
+    train.main(base_args(world, tmp_path, "--mask", "grad", "--max_train_steps", "1", "--calibration_steps", "1", "--gradient_checkpointing"))
+    assert seen["checkpointing"] is True and seen["score_devices"] == {seen["device"]}
+
+
+def test_each_epoch_draws_its_own_crop_and_flip_and_the_noise_changes_per_step(world):
+    from types import SimpleNamespace
+
+    from dreambooth_data import load_examples
+
+    examples = load_examples(world / "instance", "a blob", 48, random_flip=True, seed=3)  # 80x64 images: room to crop
+    args = SimpleNamespace(repeats=1, train_batch_size=1, seed=3, random_flip=True, center_crop=False, cache_latents=False)
+    batches = train.Batches(args, examples, [], 0, 1)
+    views = [(e.crop_top_left, e.flipped) for step in range(0, 30, 3) for e in batches(step)[0]]
+    assert len(set(views)) > 3 and views == [(e.crop_top_left, e.flipped) for step in range(0, 30, 3) for e in batches(step)[0]]
+    first = batches(0)[0][0]
+    assert first in examples  # epoch 0: the views drawn at load
+    for view in (e for step in range(3, 30, 3) for e in batches(step)[0]):
+        assert view.pixels.shape == (3, 48, 48) and any(view.image is x.image for x in examples)  # no copy of the image
+    cached = train.Batches(SimpleNamespace(**{**vars(args), "cache_latents": True}), examples, [], 0, 1)
+    assert all(e in examples for step in range(30) for e in cached(step)[0])  # cached latents keep their views
+    mean, std = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    a, b = train.posterior_sample(mean, std, 0, 5), train.posterior_sample(mean, std, 0, 6)
+    assert torch.equal(a, train.posterior_sample(mean, std, 0, 5)) and not torch.equal(a, b) and not torch.equal(a[0], a[1])
+
+
+def test_a_flipped_view_is_the_mirror_of_the_same_crop():
+    from dreambooth_data import Example
+
+    image = torch.arange(3 * 4 * 6, dtype=torch.uint8).view(3, 4, 6)
+    plain = Example(image, "p", (4, 6), (0, 1), False)
+    mirrored = Example(image, "p", (4, 6), (0, 6 - 1 - 4), True)  # the corner as on the flipped image
+    assert torch.equal(mirrored.pixels, plain.pixels.flip(-1))
+
+
+def test_class_images_are_generated_in_the_prior_generation_precision(world, tmp_path, monkeypatch):
+    dtypes = []
+    real = train.render
+    monkeypatch.setattr(train, "render", lambda pipe, prompt, dtype, **kw: dtypes.append(dtype) or real(pipe, prompt, dtype, **kw))
+    train.main(base_args(world, tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(tmp_path / "cls"),
+                         "--class_prompt", "a blob", "--num_class_images", "1", "--max_train_steps", "1",
+                         "--prior_generation_precision", "bf16"))
+    assert dtypes == [torch.bfloat16] and len(list((tmp_path / "cls").glob("*.png"))) == 1

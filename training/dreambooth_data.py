@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,12 +15,40 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)  # compared by identity: a view is a new object
 class Example:
-    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
+    """One training image: resized once (short side = the resolution), cropped and maybe flipped
+    per view, so each epoch can draw its own crop and flip (:meth:`redrawn`)."""
+
+    image: torch.Tensor  # (3, H, W) uint8, uncropped
     prompt: str
     original_size: tuple[int, int]  # (height, width) before resize/crop
-    crop_top_left: tuple[int, int]
+    crop_top_left: tuple[int, int]  # of this view, in the resized image (SDXL's crops_coords_top_left)
+    flipped: bool = False
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """This view as (3, R, R) floats in [-1, 1]."""
+        size = min(self.image.shape[1:])
+        top, left = self.crop_top_left
+        if self.flipped:  # the crop's corner is recorded as on the flipped image
+            left = self.image.shape[2] - left - size
+        view = self.image[:, top : top + size, left : left + size]
+        return (view.flip(-1) if self.flipped else view).float() / 127.5 - 1.0
+
+    def redrawn(self, rng: random.Random, center_crop: bool, flip: bool) -> "Example":
+        """The same image with a crop and flip drawn from ``rng``."""
+        return replace(self, **_draw(self.image.shape[1], self.image.shape[2], center_crop, flip, rng))
+
+
+def _draw(height: int, width: int, center_crop: bool, flip: bool, rng: random.Random) -> dict:
+    size = min(height, width)
+    if center_crop:
+        top, left = (height - size) // 2, (width - size) // 2
+    else:
+        top, left = rng.randint(0, height - size), rng.randint(0, width - size)
+    flipped = flip and rng.random() < 0.5
+    return {"crop_top_left": (top, width - left - size if flipped else left), "flipped": flipped}
 
 
 def read_captions(folder: Path) -> dict[str, str]:
@@ -43,24 +71,15 @@ def read_captions(folder: Path) -> dict[str, str]:
     return captions
 
 
-def transform(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
-    """Resize the short side to ``resolution``, crop a square, maybe flip; returns the SDXL conditioning too."""
+def resize(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Upright RGB with its short side at ``resolution``, as a (3, H, W) uint8 tensor, and its original (height, width)."""
     image = ImageOps.exif_transpose(image).convert("RGB")
     original_size = (image.height, image.width)
     scale = resolution / min(image.width, image.height)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
     image = image.resize((width, height), Image.BILINEAR)
-    if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    else:
-        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-        left = width - left - resolution
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0
-    return pixels, original_size, (top, left)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return pixels.permute(2, 0, 1).contiguous(), original_size
 
 
 def load_examples(
@@ -71,7 +90,8 @@ def load_examples(
     random_flip: bool = False,
     seed: int = 0,
 ) -> list[Example]:
-    """Every readable image in ``folder`` as an :class:`Example` (augmented once, reproducibly)."""
+    """Every readable image in ``folder`` as an :class:`Example`, with a first crop and flip drawn
+    reproducibly from ``seed`` (training draws new ones per epoch unless latents are cached)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"image folder {folder} does not exist")
@@ -87,11 +107,11 @@ def load_examples(
             raise ValueError(f"{path.name} has no caption and no default prompt was given")
         try:
             with Image.open(path) as image:
-                pixels, size, crop = transform(image, resolution, center_crop, random_flip, rng)
+                resized, size = resize(image, resolution)
         except (OSError, ValueError) as err:
             skipped.append(f"{path.name} ({err})")
             continue
-        examples.append(Example(pixels, prompt, size, crop))
+        examples.append(Example(resized, prompt, size, **_draw(resized.shape[1], resized.shape[2], center_crop, random_flip, rng)))
     if skipped:
         logger.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), folder, "; ".join(skipped))
     if not examples:

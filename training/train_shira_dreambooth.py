@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--class_data_dir", default=None)
     g.add_argument("--class_prompt", default=None, help="prompt for class images without a caption file (and for generating missing ones)")
     g.add_argument("--num_class_images", type=int, default=100, help="missing class images are generated with the base model")
+    g.add_argument("--prior_generation_precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="dtype the missing class images are generated in (default: the training dtype)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
     g = p.add_argument_group("adapter")
@@ -259,10 +262,11 @@ def generate_class_images(args, models: dict, accelerator, weight_dtype: torch.d
         accelerator.wait_for_everyone()
         return
     pipe = inference_pipeline(args, models, accelerator, weight_dtype)
+    dtype = DTYPES[args.prior_generation_precision] if args.prior_generation_precision else weight_dtype
     for start in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
         n = min(args.sample_batch_size, missing - start)
         gen = torch.Generator().manual_seed(args.seed + have + start)
-        images = render(pipe, [args.class_prompt] * n, weight_dtype, generator=gen, height=args.resolution, width=args.resolution)
+        images = render(pipe, [args.class_prompt] * n, dtype, generator=gen, height=args.resolution, width=args.resolution)
         for i, image in enumerate(images):
             image.save(folder / f"class_{have + start + i:05d}.png")
     del pipe
@@ -290,6 +294,19 @@ def log_validation(args, models: dict, accelerator, weight_dtype: torch.dtype, s
 
 
 # ---- the adapter ----------------------------------------------------------------------------------
+
+
+def unused_layers_dropped(weights: dict, models: dict) -> dict:
+    """SDXL conditions on text encoder 1's penultimate hidden state, so its last layer gets no
+    gradient: adapting it would spend budget on entries that never train."""
+    encoder = models.get("text_encoder")
+    if models.get("tokenizer_2") is None or encoder is None:  # SD 1.x/2.x: the last hidden state, every layer counts
+        return weights
+    last = f".layers.{encoder.config.num_hidden_layers - 1}."
+    kept = {k: w for k, w in weights.items() if not (k.startswith("text_encoder.") and last in k)}
+    if len(kept) < len(weights):
+        logger.info("text_encoder: its last layer is left out (SDXL reads the layer before it)")
+    return kept
 
 
 def lora_rank(weights: dict, args) -> int:
@@ -419,6 +436,43 @@ def make_optimizer(args, groups: list[dict]):
     return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): ``min(snr, gamma) / snr`` for epsilon (and
+    sample) prediction, ``min(snr, gamma) / (snr + 1)`` for v-prediction, as diffusers weights them."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, t)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
+
+
+def posterior_sample(mean: torch.Tensor, std: torch.Tensor, seed: int, micro_step: int) -> torch.Tensor:
+    """A VAE posterior sample with noise of its own for every step and image (stateless: resume-exact)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
+    return mean + std * torch.randn(mean.shape, generator=gen).to(mean)
+
+
+def mask_digest(masks: dict[str, torch.Tensor]) -> int:
+    """A 63-bit digest of a set of masks (keys and indices), to check that every process holds the same one."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(masks):
+        h.update(key.encode())
+        h.update(masks[key].detach().to("cpu", torch.int64).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def agreed_masks(accelerator, masks: dict[str, torch.Tensor]) -> int:
+    """Raise unless every process chose the same masks (DDP averages gradients position by position:
+    different masks would mix different entries); returns their digest."""
+    digest = mask_digest(masks)
+    every = accelerator.gather(torch.tensor([digest], dtype=torch.int64, device=accelerator.device)).tolist()
+    if len(set(every)) != 1:
+        raise RuntimeError(f"the processes chose different masks (digests {every}); the mask must not depend on the rank")
+    return digest
+
+
 def diffusion_loss(args, models, batch, step_seed: int) -> torch.Tensor:
     """The noise-prediction loss for one batch (prior-preservation half weighted separately)."""
     unet, scheduler = models["unet"], models["scheduler"]
@@ -438,13 +492,7 @@ def diffusion_loss(args, models, batch, step_seed: int) -> torch.Tensor:
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
     per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(scheduler, t)
-        weight = torch.clamp(snr, max=args.snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = weight / (snr + 1)
-        per_item = per_item * weight
+        per_item = per_item * min_snr_weights(scheduler, t, args.snr_gamma)
     n_instance = batch["n_instance"]
     loss = per_item[:n_instance].mean()
     if n_instance < per_item.numel():
@@ -454,11 +502,20 @@ def diffusion_loss(args, models, batch, step_seed: int) -> torch.Tensor:
 
 class Batches:
     """Deterministic batches: epoch ``e`` is a permutation seeded by ``(seed, e)``; rank ``r`` of ``w``
-    processes takes every ``w``-th batch. Prompt embeddings and latents come from caches when given."""
+    processes takes every ``w``-th batch. Each epoch draws every image's crop and flip from
+    ``(seed, e, image)`` (unless latents are cached: then the views drawn at load are kept), so a
+    resumed run sees exactly what an uninterrupted one would."""
 
     def __init__(self, args, instance: list[Example], klass: list[Example], rank: int, world: int):
         self.args, self.instance, self.klass, self.rank, self.world = args, instance * args.repeats, klass, rank, world
         self.per_epoch = max(1, len(self.instance) // (args.train_batch_size * world))
+        self.redraw = (args.random_flip or not args.center_crop) and not args.cache_latents
+
+    def view(self, example: Example, kind: str, epoch: int, index: int) -> Example:
+        if not self.redraw or epoch == 0:  # epoch 0: the view drawn at load
+            return example
+        rng = random.Random(f"{self.args.seed}/{kind}/{epoch}/{index}")  # str seeds are stable across runs
+        return example.redrawn(rng, self.args.center_crop, self.args.random_flip)
 
     def __call__(self, micro_step: int) -> tuple[list[Example], list[Example]]:
         epoch, i = divmod(micro_step, self.per_epoch)
@@ -466,8 +523,11 @@ class Batches:
         bs = self.args.train_batch_size
         start = (i * self.world + self.rank) * bs
         picked = [order[(start + j) % len(order)] for j in range(bs)]
-        inst = [self.instance[j] for j in picked]
-        klass = [self.klass[(micro_step * bs + j) % len(self.klass)] for j in range(bs)] if self.klass else []
+        inst = [self.view(self.instance[j], "instance", epoch, j) for j in picked]
+        klass = []
+        for j in range(bs if self.klass else 0):
+            n = micro_step * bs + j
+            klass.append(self.view(self.klass[n % len(self.klass)], "class", n // len(self.klass), n % len(self.klass)))
         return inst, klass
 
 
@@ -518,19 +578,21 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("%d instance image(s), %d class image(s)", len(instance), len(klass))
 
     # latents and prompt embeddings computed once where nothing they depend on is trained
-    def latents_of(examples: list[Example]) -> torch.Tensor:
+    def posteriors_of(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std, scaled to latent units."""
         vae = models["vae"]
         pixels = torch.stack([e.pixels for e in examples]).to(device, torch.float32)
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
-        gen = torch.Generator().manual_seed(args.seed)
-        sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
-        return sample * vae.config.scaling_factor
+        return dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
 
-    latent_cache: dict[int, torch.Tensor] = {}
+    posterior_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if args.cache_latents:
+        if args.random_flip or not args.center_crop:
+            logger.info("--cache_latents: each image keeps the crop and flip drawn at load")
         for e in instance + klass:
-            latent_cache[id(e)] = latents_of([e])[0]
+            mean, std = posteriors_of([e])
+            posterior_cache[id(e)] = (mean[0], std[0])
         del models["vae"]
         models["vae"] = None
     embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -548,9 +610,10 @@ def main(argv: list[str] | None = None) -> Path:
         inst, cls = batches(micro_step)
         examples = inst + cls
         if args.cache_latents:
-            latents = torch.stack([latent_cache[id(e)] for e in examples])
+            mean, std = (torch.stack(t) for t in zip(*(posterior_cache[id(e)] for e in examples)))
         else:
-            latents = latents_of(examples)
+            mean, std = posteriors_of(examples)
+        latents = posterior_sample(mean, std, args.seed, micro_step)
         sdxl = models["tokenizer_2"] is not None
         batch = {"latents": latents, "time_ids": time_ids(examples, args.resolution).to(device) if sdxl else None, "n_instance": len(inst)}
         if embed_cache:
@@ -562,27 +625,34 @@ def main(argv: list[str] | None = None) -> Path:
         return batch
 
     # ---- the adapter
+    if args.gradient_checkpointing:  # before calibration too: its backward holds the same activations
+        models["unet"].enable_gradient_checkpointing()
+        for name in ("text_encoder", "text_encoder_2"):
+            if train_text and models[name] is not None:
+                # non-reentrant: transformers 4.x defaults to reentrant, whose recomputation gives
+                # parameters outside the block's inputs (the sparse values) no gradient
+                models[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adaptable = {c: models[c] for c in COMPONENTS if models.get(c) is not None}
-    weights = find_targets(adaptable, args.targets)
+    weights = unused_layers_dropped(find_targets(adaptable, args.targets), models)
     if args.adapter_type == "shira":
         scores = None
         if args.mask in ("grad", "snip"):
             with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 scores = calibration_scores(weights, lambda s: diffusion_loss(args, models, make_batch(s), args.seed + 10**6 + s), range(args.calibration_steps))
+            # each process saw its own calibration batches: sum them, so every rank picks the same mask
+            scores = {k: accelerator.reduce(v, "sum") for k, v in scores.items()}
         masks = make_masks(weights, args.mask, density=args.density, rank=args.lora_equivalent_rank, seed=args.mask_seed, scores=scores)
+        del scores
+        digest = agreed_masks(accelerator, masks)
         sparse = SparseTraining(adaptable, masks)
         params = sparse.parameters()
         numel = sum(w.numel() for w in weights.values())
-        logger.info("SHiRA %s mask: %s trainable values (%.3f%% of %d target weights)", args.mask, f"{sparse.num_params:,}", 100 * sparse.num_params / numel, len(weights))
+        logger.info("SHiRA %s mask: %s trainable values (%.3f%% of %d target weights); mask digest %016x, the same on %d process(es)",
+                    args.mask, f"{sparse.num_params:,}", 100 * sparse.num_params / numel, len(weights), digest, accelerator.num_processes)
     else:
         rank = lora_rank(weights, args)
         params = attach_lora(models, weights, rank)
         logger.info("LoRA rank %d: %s trainable parameters", rank, f"{sum(p.numel() for p in params):,}")
-    if args.gradient_checkpointing:
-        models["unet"].enable_gradient_checkpointing()
-        for name in ("text_encoder", "text_encoder_2"):
-            if train_text and models[name] is not None:
-                models[name].gradient_checkpointing_enable()
 
     text_ids = {id(p) for name in ("text_encoder", "text_encoder_2") if models.get(name) is not None for p in models[name].parameters()}
     groups = [{"params": [p for p in params if id(p) not in text_ids], "lr": args.learning_rate}]
