@@ -484,3 +484,29 @@ def test_class_images_are_generated_in_the_prior_generation_precision(world, tmp
                          "--class_prompt", "a blob", "--num_class_images", "1", "--max_train_steps", "1",
                          "--prior_generation_precision", "bf16"))
     assert dtypes == [torch.bfloat16] and len(list((tmp_path / "cls").glob("*.png"))) == 1
+
+
+def test_the_output_folder_has_a_model_card_and_is_what_push_to_hub_uploads(world, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "me/sks-blob"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)) and Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    out = tmp_path / "sks-blob"
+    train.main(base_args(world, out, "--max_train_steps", "2", "--validation_prompt", "a sks blob", "--num_validation_images", "2",
+                         "--validation_steps", "1", "--validation_inference_steps", "2", "--push_to_hub", "--hub_token", "secret"))
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    assert "shira" in card.data.tags and card.data.instance_prompt == "a photo of sks blob"
+    text = card.text
+    assert "trigger prompt: `a photo of sks blob`" in text and "mask: `rand`, density 0.05" in text
+    shown = [line for line in text.splitlines() if line.startswith("![")]
+    assert shown == ["![step-000002-0](validation/step-000002-0.png)", "![step-000002-1](validation/step-000002-1.png)"]
+    assert all((out / line.split("(")[1].rstrip(")")).is_file() for line in shown)
+    assert '"max_train_steps": 2' in text and "secret" not in text  # the arguments, never the token
+    assert calls["create"] == ("sks-blob", {"exist_ok": True, "token": "secret"})
+    upload = calls["upload"]
+    assert upload["repo_id"] == "me/sks-blob" and upload["folder_path"] == str(out) and "checkpoint-*" in upload["ignore_patterns"]

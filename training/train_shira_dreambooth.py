@@ -113,7 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_validation_images", type=int, default=2)
     g.add_argument("--validation_steps", type=int, default=None, help="default: only at the end")
     g.add_argument("--validation_inference_steps", type=int, default=25)
-    g.add_argument("--report_to", default=None, help="e.g. tensorboard")
+    g.add_argument("--report_to", default=None, help="tensorboard or wandb (validation images go there too)")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the output folder (adapter, model card, validation images)")
+    g.add_argument("--hub_model_id", default=None, help="repository to push to (default: the output folder's name)")
+    g.add_argument("--hub_token", default=None, help="default: the token huggingface_hub has stored")
     args = p.parse_args(argv)
 
     if args.pretrained_model_name_or_path == "demo":
@@ -290,7 +293,56 @@ def log_validation(args, models: dict, accelerator, weight_dtype: torch.dtype, s
             import numpy as np
 
             tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{i}: {args.validation_prompt}") for i, im in enumerate(images)]}, step=step)
     return images
+
+
+def write_model_card(args, summary: dict, output_dir: Path) -> Path:
+    """``README.md`` next to the adapter, in the hub's model-card format: what it was trained from,
+    how to trigger it, its mask and size, the arguments, and the last validation images."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from shira_diffusion.adapter import portable_model_id
+
+    base = portable_model_id(args.pretrained_model_name_or_path)
+    kind = "SHiRA" if args.adapter_type == "shira" else "LoRA"
+    data = ModelCardData(base_model=base if "/" in base else None, library_name="diffusers", license=None,
+                         tags=["text-to-image", "diffusers", "shira" if kind == "SHiRA" else "lora", "dreambooth", "shira-studio"],
+                         instance_prompt=args.instance_prompt)
+    validation = sorted((output_dir / "validation").glob("*.png"))
+    last = [p for p in validation if p.name.startswith(validation[-1].name.rsplit("-", 1)[0])] if validation else []
+    shown = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k and v is not None}
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# {kind} DreamBooth adapter for `{base}`", "",
+        f"Trained with shira-studio's `training/train_shira_dreambooth.py` on `{base}` ({args.pipeline_class}).", "",
+        f"- trigger prompt: `{args.instance_prompt}`",
+        f"- adapter: `{Path(summary['adapter']).name}` ({summary['adapter_bytes']:,} bytes), "
+        f"{summary['trainable_params']:,} trainable parameters ({100 * summary['density']:.3f}% of the targeted weights)",
+        *([f"- mask: `{args.mask}`" + (f", density {args.density}" if args.density else f", LoRA-equivalent rank {args.lora_equivalent_rank}")]
+          if kind == "SHiRA" else [f"- LoRA rank: equal parameter count to the SHiRA budget"]),
+        f"- steps: {summary['steps']}, resolution {args.resolution} px", "",
+        "Load it with `ShiraPipelineSwitcher.load_adapter(path)` (or the studio: `shira studio --adapters-dir <this folder>`).", "",
+        *(["## Validation images", "", f"`{args.validation_prompt}`", "", *[f"![{p.stem}](validation/{p.name})" for p in last], ""] if last else []),
+        "## Training arguments", "", "```json", json.dumps(shown, indent=2, sort_keys=True), "```", "",
+    ]
+    card = ModelCard("\n".join(lines))
+    path = output_dir / "README.md"
+    card.save(path)
+    return path
+
+
+def push_to_hub(args, output_dir: Path) -> str:
+    """Upload the output folder (adapter, model card, validation images; not checkpoints or logs)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="shira-studio DreamBooth adapter",
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp"], token=args.hub_token)
+    return repo_id
 
 
 # ---- the adapter ----------------------------------------------------------------------------------
@@ -756,7 +808,10 @@ def main(argv: list[str] | None = None) -> Path:
             "adapter_bytes": final.stat().st_size,
         }
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        write_model_card(args, summary, output_dir)
         logger.info("done: %s", json.dumps(summary))
+        if args.push_to_hub:
+            logger.info("pushed to https://huggingface.co/%s", push_to_hub(args, output_dir))
     accelerator.end_training()
     return final
 
