@@ -7,7 +7,10 @@ values) and runs through :class:`_SparseLinear`, which
   model's own weight tensor: no dense clone, no extra copy kept for backward;
 * saves the input activation as the matmul saw it (bf16/fp16 under autocast, not an fp32 copy);
 * in backward, forms this layer's dense weight gradient, gathers it at the mask into the values'
-  gradient and drops it at once, so at most one dense weight gradient exists at a time.
+  gradient and drops it at once, so at most one dense weight gradient exists at a time. A mask
+  made of whole rows, whole columns and diagonal entries (``struct``) needs no dense gradient:
+  ``g[:, R]^T x``, ``g^T x[:, C]`` and a row-wise product for the diagonal give exactly its
+  entries, at a cost that scales with the mask (:class:`_Slices`).
 
 The optimizer and DDP only see the values; the values stay fp32 whatever dtype the model runs in
 (they are the master copy), and :meth:`SparseTraining.export` turns them into a
@@ -17,6 +20,7 @@ The optimizer and DDP only see the values; the values stay fp32 whatever dtype t
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -27,12 +31,62 @@ from .adapter import SparseAdapter, SparseDelta
 from .targets import pipeline_components, resolve_module
 
 
+@dataclass(frozen=True)
+class _Slices:
+    """A mask that is whole rows ``rows``, whole columns ``cols`` (of the other rows) and diagonal
+    entries ``diag``: its weight gradient is three small products, concatenated, then ``gather``
+    (each mask entry's position in that concatenation, in the mask's sorted order)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    diag: torch.Tensor
+    gather: torch.Tensor
+
+    @staticmethod
+    def of(indices: torch.Tensor, shape: tuple[int, int], device: torch.device) -> "_Slices | None":
+        """The slices of a mask, or None where it has other entries or the slices cost more than half the dense gradient."""
+        out_f, in_f = shape
+        idx = indices.detach().to("cpu", torch.int64)
+        r, c = idx // in_f, idx % in_f
+        full_rows = torch.bincount(r, minlength=out_f) == in_f
+        rest = ~full_rows[r]
+        others = out_f - int(full_rows.sum())
+        full_cols = (torch.bincount(c[rest], minlength=in_f) == others) if others else torch.zeros(in_f, dtype=torch.bool)
+        on_diag = rest & ~full_cols[c]
+        if not torch.equal(r[on_diag], c[on_diag]):
+            return None
+        rows, cols, diag = full_rows.nonzero().view(-1), full_cols.nonzero().view(-1), r[on_diag]
+        if rows.numel() * in_f + out_f * cols.numel() + diag.numel() > out_f * in_f // 2:
+            return None
+        row_pos = torch.zeros(out_f, dtype=torch.int64)
+        row_pos[rows] = torch.arange(rows.numel())
+        col_pos = torch.zeros(in_f, dtype=torch.int64)
+        col_pos[cols] = torch.arange(cols.numel())
+        in_rows, in_cols = ~rest, rest & full_cols[c]
+        gather = torch.empty_like(idx)
+        gather[in_rows] = row_pos[r[in_rows]] * in_f + c[in_rows]
+        gather[in_cols] = rows.numel() * in_f + r[in_cols] * cols.numel() + col_pos[c[in_cols]]
+        gather[on_diag] = rows.numel() * in_f + out_f * cols.numel() + torch.arange(diag.numel())
+        return _Slices(*(t.to(device) for t in (rows, cols, diag, gather)))
+
+    def grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The mask entries of ``g^T x`` (``g``: (N, out), ``x``: (N, in)), without forming it."""
+        parts = []
+        if self.rows.numel():
+            parts.append((g.index_select(1, self.rows).T @ x).reshape(-1))
+        if self.cols.numel():
+            parts.append((g.T @ x.index_select(1, self.cols)).reshape(-1))
+        if self.diag.numel():  # summed in fp32: a dot product per entry, not a matmul's accumulator
+            parts.append((g.index_select(1, self.diag).float() * x.index_select(1, self.diag).float()).sum(0).to(g.dtype))
+        return torch.cat(parts).index_select(0, self.gather)
+
+
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, values):
+    def forward(ctx, x, weight, bias, indices, values, slices=None):
         with torch.no_grad():
             weight.view(-1).index_put_((indices,), values.to(weight.dtype))
-        if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: FLOP counting
             dtype = torch.get_autocast_dtype(x.device.type)
             x = x.to(dtype)
             w = weight.to(dtype)
@@ -42,6 +96,7 @@ class _SparseLinear(torch.autograd.Function):
         ctx.weight = weight  # the live tensor, not a saved copy: rewritten only by the next forward
         ctx.save_for_backward(x, indices)
         ctx.values_dtype = values.dtype
+        ctx.slices = slices
         return F.linear(x, w, b)
 
     @staticmethod
@@ -52,15 +107,18 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ weight.to(grad_out.dtype)
         if ctx.needs_input_grad[4]:
-            g = grad_out.reshape(-1, grad_out.shape[-1])
-            dense = g.T.to(x.dtype) @ x.reshape(-1, x.shape[-1])  # this layer's dW, freed on return
-            grad_values = dense.view(-1).index_select(0, indices).to(ctx.values_dtype)
-            del dense
-        return grad_x, None, None, None, grad_values
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)
+            if ctx.slices is not None:
+                grad_values = ctx.slices.grad(g, x.reshape(-1, x.shape[-1])).to(ctx.values_dtype)
+            else:
+                dense = g.T @ x.reshape(-1, x.shape[-1])  # this layer's dW, freed on return
+                grad_values = dense.view(-1).index_select(0, indices).to(ctx.values_dtype)
+                del dense
+        return grad_x, None, None, None, grad_values, None
 
 
 def _sparse_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _SparseLinear.apply(x, self.weight, self.bias, self.shira_indices, self.shira_values)
+    return _SparseLinear.apply(x, self.weight, self.bias, self.shira_indices, self.shira_values, self.shira_slices)
 
 
 class SparseTraining:
@@ -89,6 +147,7 @@ class SparseTraining:
             # buffer to every rank before each forward (0.14 GB at r16 on SDXL, 0.56 GB at r64)
             module.shira_indices = idx
             module.shira_base = base
+            module.shira_slices = _Slices.of(masks[key], tuple(w.shape), w.device)  # from the host mask: works on meta too
             module.shira_values = nn.Parameter(base.to(torch.float32, copy=True))
             module.forward = types.MethodType(_sparse_forward, module)
 
@@ -131,5 +190,5 @@ class SparseTraining:
             m.weight.view(-1).index_put_((m.shira_indices,), m.shira_base)
             del m.forward
             del m.shira_values
-            del m.shira_indices, m.shira_base
+            del m.shira_indices, m.shira_base, m.shira_slices
         self.modules = {}

@@ -76,3 +76,11 @@ def test_gpu_check_runs_its_whole_code_path_on_a_cpu(tmp_path):
     assert {"ours_rand", "ours_struct", "peft_lora"} == set(training) and all("error" not in r for r in training.values())
     assert training["ours_rand"]["trainable_params"] == training["peft_lora"]["trainable_params"]
     assert training["ours_rand"]["checkpointing"] is True and training["ours_rand"]["precision"] == "bf16"
+
+
+def test_training_flops_smoke(tmp_path):
+    run("training_flops.py", "--reduced", "--out", str(tmp_path / "f.json"))
+    data = json.loads((tmp_path / "f.json").read_text())
+    for row in (data["no_checkpointing"], data["checkpointing"]):
+        assert row["struct"]["layers_on_slices"] == 96 and row["rand"]["layers_on_slices"] == 0
+        assert row["rand"]["trainable"] == row["peft_lora"]["trainable"] and row["struct"]["flops"] < row["rand"]["flops"]

@@ -188,3 +188,36 @@ def test_sparse_unet_overfits_one_batch():
         loss.backward()
         opt.step()
     assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_struct_masks_get_their_gradient_from_slices_not_a_dense_weight_gradient(dtype):
+    """Rows + columns + diagonal: the values' gradient comes from g[:, R]^T x, g^T x[:, C] and a
+    row-wise product, equal to the dense gradient at the mask; no (out, in) matmul is formed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 80, bias=False)).to(dtype).requires_grad_(False)
+    ref = nn.Linear(96, 80, bias=False).to(dtype)
+    ref.load_state_dict(model[0].state_dict())
+    masks = make_masks({"unet.0": model[0].weight}, "struct", density=0.05)
+    training = SparseTraining({"unet": model}, masks)
+    slices = model[0].shira_slices
+    assert slices is not None and slices.rows.numel() and slices.cols.numel() and slices.diag.numel()
+    x, target = torch.randn(3, 7, 96, dtype=dtype), torch.randn(3, 7, 80, dtype=dtype)
+    with FlopCounterMode(display=False) as sparse_flops:
+        ((model(x) - target) ** 2).mean().backward()
+    ((ref(x) - target) ** 2).mean().backward()
+    want = ref.weight.grad.view(-1)[masks["unet.0"]].to(torch.float32)
+    got = training.parameters()[0].grad
+    tolerance = (1e-6 if dtype == torch.float64 else 2e-2) * float(want.abs().max())  # the values (and their grads) are fp32
+    assert float((got - want).abs().max()) <= tolerance
+    dense_weight_grad = 2 * 21 * 80 * 96
+    forward_and_input_grad = 2 * (2 * 21 * 80 * 96)
+    assert sparse_flops.get_total_flops() - forward_and_input_grad < dense_weight_grad / 4
+
+
+def test_unstructured_masks_keep_the_dense_path():
+    model, components, masks = linear_setup()
+    SparseTraining(components, masks)
+    assert model[0].shira_slices is None and model[2].shira_slices is None
