@@ -18,7 +18,8 @@ from .adapter import AdapterError, canonical_keys, split_key
 
 @dataclass
 class LoraDelta:
-    """``weight += scale * up @ down`` with ``down: (rank, in)``, ``up: (out, rank)``."""
+    """``weight += scale * up @ down`` with ``down: (rank, in)``, ``up: (out, rank)`` (for a
+    convolution, over its weight flattened to ``(out, in * kh * kw)``)."""
 
     down: torch.Tensor
     up: torch.Tensor
@@ -27,6 +28,12 @@ class LoraDelta:
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
+        # a convolution's LoRA (diffusers/PEFT Conv2d LoRA, kohya LoCon): down (rank, in, kh, kw) and
+        # up (out, rank, 1, 1) are the same product over the weight flattened to (out, in * kh * kw)
+        if self.down.dim() == 4:
+            self.down = self.down.flatten(1)
+        if self.up.dim() == 4 and self.up.shape[2:] == (1, 1):
+            self.up = self.up.flatten(1)
 
     @property
     def rank(self) -> int:
@@ -43,7 +50,8 @@ class LoraDelta:
 
     def validate(self, key: str) -> None:
         if self.down.dim() != 2 or self.up.dim() != 2:
-            raise AdapterError(f"{key}: only linear (2-D) LoRA factors are supported, got {tuple(self.up.shape)} @ {tuple(self.down.shape)}")
+            raise AdapterError(f"{key}: LoRA factors must be 2-D, or a convolution's (rank, in, kh, kw) down and (out, rank, 1, 1) "
+                               f"up; got {tuple(self.up.shape)} @ {tuple(self.down.shape)}")
         rows, cols = self.shape[0], math.prod(self.shape) // self.shape[0]
         if self.up.shape[1] != self.down.shape[0] or self.up.shape[0] != rows or self.down.shape[1] != cols:
             raise AdapterError(f"{key}: LoRA factors {tuple(self.up.shape)} @ {tuple(self.down.shape)} do not make a {self.shape} weight")

@@ -6,6 +6,7 @@ Works on any mapping ``{component: nn.Module}`` (or anything with ``unet`` / ``t
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import re
 from typing import Any, Mapping, Sequence
@@ -22,6 +23,37 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "text_encoder": TEXT_ENCODER_TARGETS,
     "text_encoder_2": TEXT_ENCODER_TARGETS,
 }
+# short names for the layer groups kohya-style trainers adapt, per component
+ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "unet": {"attn": UNET_TARGETS, "ff": ("ff.net.0.proj", "ff.net.2"), "proj": ("proj_in", "proj_out"),
+             "conv": ("re:.*resnets\\.\\d+\\.conv[12]",)},
+    "text_encoder": {"attn": TEXT_ENCODER_TARGETS, "mlp": ("mlp.fc1", "mlp.fc2")},
+    "text_encoder_2": {"attn": TEXT_ENCODER_TARGETS, "mlp": ("mlp.fc1", "mlp.fc2")},
+}
+TRAINABLE = (nn.Linear, nn.Conv2d)  # what a wildcard pattern picks
+
+
+def parse_targets(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``["unet", "unet:attn,ff", "unet:*.proj_in", "text_encoder:*"]`` as :func:`find_targets` patterns.
+
+    ``component`` alone is its default (attention projections); after ``:`` come comma-separated
+    aliases (``attn``, ``ff``, ``proj``, ``conv``; ``mlp`` for text encoders), suffixes
+    (``to_out.0``), wildcards (``*.proj_in``: Linear and Conv2d layers only) or ``re:`` regexes.
+    """
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        component, _, rest = spec.partition(":")
+        if component not in COMPONENTS:
+            raise AdapterError(f"--targets {spec!r}: unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+        patterns = out.setdefault(component, [])
+        for item in (rest.split(",") if rest else [None]):
+            if item is None:
+                patterns += DEFAULT_TARGETS[component]
+            elif not item.strip():
+                raise AdapterError(f"--targets {spec!r}: an empty pattern")
+            else:
+                patterns += ALIASES[component].get(item.strip(), (item.strip(),))
+    return {c: tuple(dict.fromkeys(p)) for c, p in out.items()}
 
 
 def pipeline_components(pipe_or_components: Any) -> dict[str, nn.Module]:
@@ -36,9 +68,15 @@ def pipeline_components(pipe_or_components: Any) -> dict[str, nn.Module]:
     return {c: m for c, m in found.items() if m is not None}
 
 
-def _matches(name: str, pattern: str) -> bool:
+def _wildcard(pattern: str) -> bool:
+    return not pattern.startswith("re:") and any(ch in pattern for ch in "*?[")
+
+
+def _matches(name: str, pattern: str, module: nn.Module) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
+    if _wildcard(pattern):  # a wildcard picks trainable layers, never norms or embeddings
+        return isinstance(module, TRAINABLE) and fnmatch.fnmatchcase(name, pattern)
     return name == pattern or name.endswith("." + pattern)
 
 
@@ -48,9 +86,10 @@ def find_targets(
 ) -> dict[str, nn.Parameter]:
     """Weights to adapt, as ``{"<component>.<module path>": weight}`` in module order.
 
-    ``targets`` maps components to name patterns (a suffix like ``"to_out.0"`` or a regex
-    written ``"re:..."``); a plain list of components uses each one's default patterns. The
-    default is the UNet's attention projections only.
+    ``targets`` maps components to name patterns (a suffix like ``"to_out.0"``, a wildcard like
+    ``"*.proj_in"`` or a regex written ``"re:..."``); a plain list of components uses each one's
+    default patterns (see :func:`parse_targets` for the command-line form). The default is the
+    UNet's attention projections only.
     """
     components = pipeline_components(pipe_or_components)
     if targets is None:
@@ -65,7 +104,7 @@ def find_targets(
             raise AdapterError(f"the model has no {component!r} to adapt")
         for name, module in components[component].named_modules():
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and any(_matches(name, p) for p in patterns):
+            if isinstance(weight, torch.Tensor) and any(_matches(name, p, module) for p in patterns):
                 found[canonical_key(f"{component}.{name}")] = weight
     return found
 

@@ -1,6 +1,6 @@
 """Sparse training: only the masked entries of each target weight are trainable.
 
-Each adapted ``nn.Linear`` gets one fp32 parameter ``shira_values`` (the masked entries' current
+Each adapted ``nn.Linear`` (or ``nn.Conv2d``: the mask is over its flattened weight) gets one fp32 parameter ``shira_values`` (the masked entries' current
 values) and runs through :class:`_SparseLinear`, which
 
 * writes the values into the frozen weight in place before the matmul, so the forward uses the
@@ -81,18 +81,20 @@ class _Slices:
         return torch.cat(parts).index_select(0, self.gather)
 
 
+def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``x``, weight and bias in the autocast dtype when autocast is on (what the layer itself would run in)."""
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: FLOP counting
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+    return x, weight, bias
+
+
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, indices, values, slices=None):
         with torch.no_grad():
             weight.view(-1).index_put_((indices,), values.to(weight.dtype))
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: FLOP counting
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype)
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
-        else:
-            w, b = weight, bias
+        x, w, b = _autocast(x, weight, bias)
         ctx.weight = weight  # the live tensor, not a saved copy: rewritten only by the next forward
         ctx.save_for_backward(x, indices)
         ctx.values_dtype = values.dtype
@@ -121,8 +123,38 @@ def _sparse_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _SparseLinear.apply(x, self.weight, self.bias, self.shira_indices, self.shira_values, self.shira_slices)
 
 
+class _SparseConv2d(torch.autograd.Function):
+    """:class:`_SparseLinear` for ``nn.Conv2d``: the mask is over the flattened (out, in, kh, kw) weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, indices, values, conv):
+        with torch.no_grad():
+            weight.view(-1).index_put_((indices,), values.to(weight.dtype))
+        x, w, b = _autocast(x, weight, bias)
+        ctx.weight, ctx.conv, ctx.values_dtype = weight, conv, values.dtype
+        ctx.save_for_backward(x, indices)
+        return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, indices = ctx.saved_tensors
+        m, g = ctx.conv, grad_out.to(x.dtype)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, ctx.weight.to(g.dtype), g, m.stride, m.padding, m.dilation, m.groups)
+        if ctx.needs_input_grad[4]:
+            dense = torch.nn.grad.conv2d_weight(x, ctx.weight.shape, g, m.stride, m.padding, m.dilation, m.groups)
+            grad_values = dense.reshape(-1).index_select(0, indices).to(ctx.values_dtype)
+            del dense
+        return grad_x, None, None, None, grad_values, None
+
+
+def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return _SparseConv2d.apply(x, self.weight, self.bias, self.shira_indices, self.shira_values, self)
+
+
 class SparseTraining:
-    """Makes the masked entries of the given Linear weights trainable, in place.
+    """Makes the masked entries of the given Linear / Conv2d weights trainable, in place.
 
     ``masks`` maps adapter keys (``"unet.<module path>"``) to sorted flat indices. The values
     start at the base weights' entries; :meth:`export` gives the adapter, :meth:`remove` puts the
@@ -131,11 +163,13 @@ class SparseTraining:
 
     def __init__(self, pipe_or_components: Any, masks: Mapping[str, torch.Tensor]) -> None:
         components = pipeline_components(pipe_or_components)
-        self.modules: dict[str, nn.Linear] = {}
+        self.modules: dict[str, nn.Linear | nn.Conv2d] = {}
         for key in masks:
             module, _ = resolve_module(components, key)  # either text-encoder layout; a clear error for unknown keys
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"{key}: sparse training supports nn.Linear, got {type(module).__name__}")
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                raise TypeError(f"{key}: sparse training supports nn.Linear and nn.Conv2d, got {type(module).__name__}")
+            if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+                raise TypeError(f"{key}: sparse training supports zero-padded convolutions with numeric padding")
             self.modules[key] = module
         for key, module in self.modules.items():
             w = module.weight
@@ -147,9 +181,10 @@ class SparseTraining:
             # buffer to every rank before each forward (0.14 GB at r16 on SDXL, 0.56 GB at r64)
             module.shira_indices = idx
             module.shira_base = base
-            module.shira_slices = _Slices.of(masks[key], tuple(w.shape), w.device)  # from the host mask: works on meta too
+            linear = isinstance(module, nn.Linear)
+            module.shira_slices = _Slices.of(masks[key], tuple(w.shape), w.device) if linear else None  # host mask: meta works too
             module.shira_values = nn.Parameter(base.to(torch.float32, copy=True))
-            module.forward = types.MethodType(_sparse_forward, module)
+            module.forward = types.MethodType(_sparse_forward if linear else _sparse_conv_forward, module)
 
     def parameters(self) -> list[nn.Parameter]:
         return [m.shira_values for m in self.modules.values()]

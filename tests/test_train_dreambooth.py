@@ -510,3 +510,28 @@ def test_the_output_folder_has_a_model_card_and_is_what_push_to_hub_uploads(worl
     assert calls["create"] == ("sks-blob", {"exist_ok": True, "token": "secret"})
     upload = calls["upload"]
     assert upload["repo_id"] == "me/sks-blob" and upload["folder_path"] == str(out) and "checkpoint-*" in upload["ignore_patterns"]
+
+
+@pytest.mark.parametrize("adapter_type", ["shira", "lora"])
+def test_targets_beyond_attention_train_and_apply(world, tmp_path, adapter_type):
+    """Feed-forward, proj_in/proj_out and ResNet convolutions, as kohya users train them."""
+    path = train.main(base_args(world, tmp_path, "--targets", "unet:attn,ff,proj,conv", "--max_train_steps", "2",
+                                "--adapter_type", adapter_type, *(["--lora_equivalent_rank", "2"] if adapter_type == "lora" else [])))
+    pipe = tiny_sdxl_pipeline()
+    sw = __import__("shira_diffusion").ShiraPipelineSwitcher(pipe)
+    name = sw.load_adapter(path, "a")
+    keys = set(sw.get_adapter(name).deltas)
+    assert any(k.endswith("resnets.0.conv1") for k in keys) and any(k.endswith("ff.net.2") for k in keys)
+    assert any(k.endswith("proj_in") for k in keys) and any(k.endswith("to_q") for k in keys)
+    conv = pipe.unet.down_blocks[0].resnets[0].conv1.weight
+    before = conv.detach().clone()
+    sw.set_adapters("a")
+    assert not torch.equal(conv, before)  # a 4-D weight written in place
+    sw.disable_adapters()
+    assert torch.equal(conv, before)
+
+
+def test_bad_target_specs_are_refused_by_the_parser(world, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(base_args(world, tmp_path, "--targets", "vae:*"))
+    assert "unknown component 'vae'" in capsys.readouterr().err

@@ -156,9 +156,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_unet):
     assert any(bool(g.abs().sum() > 0) for g in plain)
 
 
-def test_rejects_non_linear_targets(tiny_unet):
-    with pytest.raises(TypeError, match="supports nn.Linear"):
-        SparseTraining({"unet": tiny_unet}, {"unet.conv_in": torch.tensor([0, 1])})
+def test_rejects_targets_that_are_neither_linear_nor_conv2d(tiny_unet):
+    with pytest.raises(TypeError, match="supports nn.Linear and nn.Conv2d, got GroupNorm"):
+        SparseTraining({"unet": tiny_unet}, {"unet.conv_norm_out": torch.tensor([0, 1])})
 
 
 def test_sparse_unet_overfits_one_batch():
@@ -221,3 +221,45 @@ def test_unstructured_masks_keep_the_dense_path():
     model, components, masks = linear_setup()
     SparseTraining(components, masks)
     assert model[0].shira_slices is None and model[2].shira_slices is None
+
+
+def test_conv2d_weights_train_sparsely_with_the_dense_gradient_at_the_mask():
+    torch.manual_seed(0)
+    layers = lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.SiLU(), nn.Conv2d(6, 5, 3, stride=2, padding=1)).double()  # noqa: E731
+    model, ref = layers().requires_grad_(False), layers()
+    ref.load_state_dict(model.state_dict())
+    masks = make_masks({"unet.0": model[0].weight, "unet.2": model[2].weight}, "rand", density=0.3, seed=0)
+    training = SparseTraining({"unet": model}, masks)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (model(x) ** 2).mean().backward()
+    (ref(x_ref) ** 2).mean().backward()
+    assert torch.allclose(x.grad, x_ref.grad)
+    for value, (key, i) in zip(training.parameters(), [("unet.0", 0), ("unet.2", 2)]):
+        assert torch.equal(value.grad, ref[i].weight.grad.view(-1)[masks[key]].float())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    training.remove()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the base was never moved
+    with pytest.raises(TypeError, match="zero-padded convolutions"):
+        SparseTraining({"unet": nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))}, {"unet.0": torch.tensor([0])})
+
+
+def test_target_specs_name_layer_groups_wildcards_and_regexes():
+    from shira_diffusion.adapter import AdapterError
+    from shira_diffusion.targets import parse_targets
+    from shira_diffusion.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    specs = parse_targets(["unet:attn,ff", "unet:*.proj_in", "unet:conv", "text_encoder:*"])
+    assert specs["unet"][:6] == ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    found = find_targets(pipe, specs)
+    kinds = {type(pipe.unet.get_submodule(k.removeprefix("unet."))).__name__ for k in found if k.startswith("unet.")}
+    assert kinds == {"Linear", "Conv2d"} and any(k.endswith("resnets.0.conv1") for k in found)
+    assert sum(k.endswith(".proj_in") for k in found) == 6 and sum(k.endswith(".ff.net.2") for k in found) == 12  # 6 attentions, 12 blocks
+    te = [k for k in found if k.startswith("text_encoder.")]
+    assert len(te) == 30 and all(".layer_norm" not in k and "embeddings" not in k for k in te)  # a wildcard takes Linear layers only
+    assert parse_targets(["unet"]) == {"unet": ("to_q", "to_k", "to_v", "to_out.0")}
+    with pytest.raises(AdapterError, match="unknown component 'vae'"):
+        parse_targets(["vae:*"])
+    with pytest.raises(AdapterError, match="an empty pattern"):
+        parse_targets(["unet:attn,"])

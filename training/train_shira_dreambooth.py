@@ -37,7 +37,8 @@ from dreambooth_data import Example, load_examples  # noqa: E402
 from shira_diffusion import MASK_KINDS, budget, calibration_scores, find_targets, make_masks  # noqa: E402
 from shira_diffusion.adapter import COMPONENTS  # noqa: E402
 from shira_diffusion.dtypes import DTYPES  # noqa: E402
-from shira_diffusion.targets import resolve_module  # noqa: E402
+from shira_diffusion.adapter import AdapterError  # noqa: E402
+from shira_diffusion.targets import parse_targets, resolve_module  # noqa: E402
 from shira_diffusion.training import SparseTraining  # noqa: E402
 
 logger = logging.getLogger("train_shira_dreambooth")
@@ -76,7 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget_group.add_argument("--lora_equivalent_rank", type=int, default=None, help="r*(rows+cols) entries per weight")
     g.add_argument("--mask_seed", type=int, default=0)
     g.add_argument("--calibration_steps", type=int, default=8, help="batches of gradient for the grad/snip masks")
-    g.add_argument("--targets", nargs="+", choices=COMPONENTS, default=None, help="components to adapt (default unet)")
+    g.add_argument("--targets", nargs="+", default=None, metavar="COMPONENT[:PATTERNS]",
+                   help="what to adapt (default: unet, its attention projections): a component alone (unet, text_encoder, "
+                        "text_encoder_2: attention), or with comma-separated layer groups (attn, ff, proj, conv; text encoders: "
+                        "attn, mlp), suffixes, wildcards or re: regexes, e.g. unet:attn,ff  unet:*.proj_in  unet:conv  text_encoder:*")
     g.add_argument("--train_text_encoder", action="store_true", help="also adapt both text encoders")
     g.add_argument("--save_dtype", choices=DTYPES, default="fp16", help="dtype of the saved adapter values")
     g = p.add_argument_group("optimisation")
@@ -128,7 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.targets is None:
         args.targets = ["unet", "text_encoder", "text_encoder_2"] if args.train_text_encoder else ["unet"]
     elif args.train_text_encoder:
-        args.targets = sorted(set(args.targets) | {"text_encoder", "text_encoder_2"}, key=COMPONENTS.index)
+        named = {spec.partition(":")[0] for spec in args.targets}
+        args.targets += [c for c in ("text_encoder", "text_encoder_2") if c not in named]
+    try:
+        parse_targets(args.targets)
+    except AdapterError as err:
+        p.error(str(err))
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
     if args.text_encoder_lr is None:
@@ -390,14 +399,15 @@ def attach_lora(models: dict, weights: dict, rank: int) -> list[torch.nn.Paramet
 
 def save_lora(models: dict, path: Path) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     def layers(component):
         module = models.get(component)
         if module is None or not getattr(module, "peft_config", None):
             return None
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        # PEFT's own key names, which diffusers reads for every layer type; its older diffusers
+        # names cover attention only and a file mixing both loses the attention layers on load
+        return get_peft_model_state_dict(module)
 
     if models.get("tokenizer_2") is None:  # Stable Diffusion 1.x/2.x: its own LoRA file layout
         StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=layers("unet"), text_encoder_lora_layers=layers("text_encoder"))
@@ -605,8 +615,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     args.pipeline_class = pipeline_class(args)
     models = load_components(args)
-    if models["text_encoder_2"] is None and "text_encoder_2" in args.targets:
-        args.targets = [c for c in args.targets if c != "text_encoder_2"]  # Stable Diffusion 1.x/2.x has one text encoder
+    if models["text_encoder_2"] is None and "text_encoder_2" in parse_targets(args.targets):
+        args.targets = [t for t in args.targets if t.partition(":")[0] != "text_encoder_2"]  # SD 1.x/2.x has one text encoder
         logger.info("one text encoder (%s): targets %s", args.pipeline_class, ", ".join(args.targets))
     check_resolution(args, native_resolution(models))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -614,7 +624,7 @@ def main(argv: list[str] | None = None) -> Path:
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
         if models[name] is not None:
             models[name].requires_grad_(False)
-    train_text = any(c in args.targets for c in ("text_encoder", "text_encoder_2"))
+    train_text = any(c in parse_targets(args.targets) for c in ("text_encoder", "text_encoder_2"))
     # base weights live in the mixed-precision dtype (as for LoRA); trained values stay fp32
     models["vae"].to(device, dtype=torch.float32)
     for name in ("unet", "text_encoder", "text_encoder_2"):
@@ -685,7 +695,7 @@ def main(argv: list[str] | None = None) -> Path:
                 # parameters outside the block's inputs (the sparse values) no gradient
                 models[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adaptable = {c: models[c] for c in COMPONENTS if models.get(c) is not None}
-    weights = unused_layers_dropped(find_targets(adaptable, args.targets), models)
+    weights = unused_layers_dropped(find_targets(adaptable, parse_targets(args.targets)), models)
     if args.adapter_type == "shira":
         scores = None
         if args.mask in ("grad", "snip"):
