@@ -535,3 +535,36 @@ def test_bad_target_specs_are_refused_by_the_parser(world, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(base_args(world, tmp_path, "--targets", "vae:*"))
     assert "unknown component 'vae'" in capsys.readouterr().err
+
+
+def test_a_datasets_dataset_trains_from_disk_and_from_an_imagefolder(world, tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (72, 64), colour) for colour in ("red", "blue")]
+    data = datasets.Dataset.from_dict({"picture": images, "caption": ["a sks blob in red", ""]}).cast_column("picture", datasets.Image())
+    data.save_to_disk(str(tmp_path / "saved"))
+    args = base_args(world, tmp_path / "out", "--max_train_steps", "1")
+    args[args.index("--instance_data_dir"):args.index("--instance_data_dir") + 2] = ["--dataset_name", str(tmp_path / "saved"),
+                                                                                      "--image_column", "picture", "--caption_column", "caption"]
+    seen = []
+    encode = train.encode_prompts
+    train.encode_prompts = lambda models, prompts: seen.extend(prompts) or encode(models, prompts)
+    try:
+        SparseAdapter.load(train.main(args))
+    finally:
+        train.encode_prompts = encode
+    assert set(seen) == {"a sks blob in red", "a photo of sks blob"}  # the empty caption takes --instance_prompt
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    images[0].save(folder / "a.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a sks blob"}\n')
+    args2 = [a if a != str(tmp_path / "saved") else str(folder) for a in args]
+    args2 = [a for a in args2 if a not in ("--image_column", "picture", "--caption_column", "caption")]
+    args2[args2.index("--output_dir") + 1] = str(tmp_path / "out2")
+    _reset()
+    assert SparseAdapter.load(train.main(args2)).num_params > 0
+    with pytest.raises(ValueError, match="no column 'caption'"):
+        _reset()
+        train.main(args2 + ["--caption_column", "caption"])
+    with pytest.raises(SystemExit):
+        train.parse_args(args + ["--instance_data_dir", str(world / "instance")])

@@ -117,3 +117,47 @@ def load_examples(
     if not examples:
         raise ValueError(f"none of the {len(files)} images in {folder} could be read")
     return examples
+
+
+def load_dataset_examples(
+    name: str,
+    image_column: str = "image",
+    caption_column: str | None = "text",
+    default_prompt: str | None = None,
+    resolution: int = 1024,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    seed: int = 0,
+    split: str = "train",
+) -> list[Example]:
+    """Examples from a ``datasets`` dataset: a hub id, a local folder of images (the ``imagefolder``
+    layout, captions in ``metadata.jsonl``) or a dataset written by ``save_to_disk``."""
+    import datasets
+
+    path = Path(name)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        data = datasets.load_from_disk(str(path))
+    else:
+        data = datasets.load_dataset(name)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{name}: no {split!r} split (has {', '.join(data)})")
+        data = data[split]
+    for column in (image_column, caption_column):
+        if column is not None and column not in data.column_names:
+            raise ValueError(f"{name}: no column {column!r} (columns: {', '.join(data.column_names)}); "
+                             "pick them with --image_column / --caption_column")
+    rng = random.Random(seed)
+    examples = []
+    for n, row in enumerate(data):
+        image = row[image_column]
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"{name}: row {n}: column {image_column!r} holds {type(image).__name__}, not an image")
+        prompt = (row[caption_column] if caption_column is not None else None) or default_prompt
+        if not prompt:
+            raise ValueError(f"{name}: row {n} has no caption and no default prompt was given")
+        resized, size = resize(image, resolution)
+        examples.append(Example(resized, str(prompt), size, **_draw(resized.shape[1], resized.shape[2], center_crop, random_flip, rng)))
+    if not examples:
+        raise ValueError(f"{name}: the {split!r} split is empty")
+    return examples

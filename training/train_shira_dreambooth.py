@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dreambooth_data import Example, load_examples  # noqa: E402
+from dreambooth_data import Example, load_dataset_examples, load_examples  # noqa: E402
 
 from shira_diffusion import MASK_KINDS, budget, calibration_scores, find_targets, make_masks  # noqa: E402
 from shira_diffusion.adapter import COMPONENTS  # noqa: E402
@@ -54,7 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
     g = p.add_argument_group("data")
-    g.add_argument("--instance_data_dir", required=True, help="instance images; captions from <image>.txt or metadata.jsonl")
+    g.add_argument("--instance_data_dir", default=None, help="instance images; captions from <image>.txt or metadata.jsonl")
+    g.add_argument("--dataset_name", default=None,
+                   help="instead of --instance_data_dir: a datasets dataset (hub id, imagefolder folder, or save_to_disk folder)")
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--image_column", default="image", help="--dataset_name: the column of images")
+    g.add_argument("--caption_column", default="text", help="--dataset_name: the column of captions (rows without one use --instance_prompt)")
     g.add_argument("--instance_prompt", required=True, help="prompt for images without a caption, e.g. 'a photo of sks dog'")
     g.add_argument("--repeats", type=int, default=1, help="repeat the instance images this many times per epoch")
     g.add_argument("--resolution", type=int, default=None,
@@ -138,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parse_targets(args.targets)
     except AdapterError as err:
         p.error(str(err))
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        p.error("give one of --instance_data_dir and --dataset_name")
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
     if args.text_encoder_lr is None:
@@ -631,7 +638,11 @@ def main(argv: list[str] | None = None) -> Path:
         if models[name] is not None:
             models[name].to(device, dtype=weight_dtype)
 
-    instance = load_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip, args.seed)
+    if args.dataset_name:
+        instance = load_dataset_examples(args.dataset_name, args.image_column, args.caption_column, args.instance_prompt, args.resolution,
+                                         args.center_crop, args.random_flip, args.seed, args.dataset_split)
+    else:
+        instance = load_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip, args.seed)
     klass: list[Example] = []
     if args.with_prior_preservation:
         generate_class_images(args, models, accelerator, weight_dtype)
