@@ -568,3 +568,13 @@ def test_a_datasets_dataset_trains_from_disk_and_from_an_imagefolder(world, tmp_
         train.main(args2 + ["--caption_column", "caption"])
     with pytest.raises(SystemExit):
         train.parse_args(args + ["--instance_data_dir", str(world / "instance")])
+
+
+def test_memory_held_counts_each_part_the_run_keeps():
+    from shira_diffusion.training import SparseTraining
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).requires_grad_(False)
+    sparse = SparseTraining({"unet": model}, {"unet.0": torch.tensor([0, 3, 9])})
+    optimizer = torch.optim.AdamW(sparse.parameters())
+    held = train.memory_held({"unet": model, "tokenizer": object()}, sparse.parameters(), optimizer)
+    assert held == {"frozen model": (32 + 4) * 4, "trainable": 12, "gradients": 12, "optimizer state": 24, "masks": 3 * 4 + 3 * 4}

@@ -109,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs (faster, slightly less precise)")
     g.add_argument("--cache_latents", action="store_true", help="encode images once and free the VAE")
     g.add_argument("--num_threads", type=int, default=None,
                    help="CPU threads per process (default on a CPU: the cores this process may use, shared among the "
@@ -489,6 +490,20 @@ def prune_checkpoints(args) -> None:
 # ---- training -------------------------------------------------------------------------------------
 
 
+def memory_held(models: dict, params: list, optimizer) -> dict[str, int]:
+    """Bytes held for the whole run, by part (what the first step adds on top is activations):
+    the frozen models, the trainable values or factors, their gradients and the optimizer state
+    (Adam: two moments per parameter, allocated at the first step), and the masks."""
+    frozen = sum(t.numel() * t.element_size() for m in models.values() if isinstance(m, torch.nn.Module)
+                 for t in (*m.parameters(), *m.buffers()) if not t.requires_grad)
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    moments = 2 if "adam" in type(inner).__name__.lower() else 1  # fp32 moments: for 8-bit Adam an upper bound
+    masks = sum(t.numel() * t.element_size() for m in models.values() if isinstance(m, torch.nn.Module) for mod in m.modules()
+                for t in (getattr(mod, "shira_indices", None), getattr(mod, "shira_base", None)) if t is not None)
+    return {"frozen model": frozen, "trainable": trainable, "gradients": trainable, "optimizer state": moments * trainable, "masks": masks}
+
+
 def make_optimizer(args, groups: list[dict]):
     if args.use_8bit_adam:
         try:
@@ -619,6 +634,9 @@ def main(argv: list[str] | None = None) -> Path:
     started = time.perf_counter()
 
     set_cpu_threads(args, accelerator)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     args.pipeline_class = pipeline_class(args)
     models = load_components(args)
@@ -778,7 +796,12 @@ def main(argv: list[str] | None = None) -> Path:
             module.train()
 
     models["unet"].train()
+    if device.type == "cuda" and accelerator.is_local_main_process:
+        held = memory_held(models, params, optimizer)
+        logger.info("before the first step, this process holds %.2f GiB on %s (%s); activations come on top",
+                    sum(held.values()) / 2**30, device, ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in held.items()))
     bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    last = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     micro_step = global_step * args.gradient_accumulation_steps
     while global_step < max_steps:
@@ -797,7 +820,9 @@ def main(argv: list[str] | None = None) -> Path:
             continue
         global_step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        now = time.perf_counter()
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", step_s=f"{now - last:.2f}")
+        last = now
         accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if accelerator.is_main_process and args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < max_steps:
             prune_checkpoints(args)
