@@ -578,3 +578,16 @@ def test_memory_held_counts_each_part_the_run_keeps():
     optimizer = torch.optim.AdamW(sparse.parameters())
     held = train.memory_held({"unet": model, "tokenizer": object()}, sparse.parameters(), optimizer)
     assert held == {"frozen model": (32 + 4) * 4, "trainable": 12, "gradients": 12, "optimizer state": 24, "masks": 3 * 4 + 3 * 4}
+
+
+def test_caption_dropout_empties_instance_captions_at_the_rate_statelessly(world, tmp_path, monkeypatch):
+    prompts = ["a"] * 8 + ["class"] * 8
+    drawn = [train.dropped_captions(prompts, 8, 0.5, 0, step) for step in range(200)]
+    share = sum(p == "" for d in drawn for p in d[:8]) / (200 * 8)
+    assert 0.45 < share < 0.55 and all(d[8:] == ["class"] * 8 for d in drawn)  # class captions are never dropped
+    assert drawn[7] == train.dropped_captions(prompts, 8, 0.5, 0, 7) and train.dropped_captions(prompts, 8, 0.0, 0, 7) == prompts
+    seen = []
+    encode = train.encode_prompts
+    monkeypatch.setattr(train, "encode_prompts", lambda models, p: seen.extend(p) or encode(models, p))
+    train.main(base_args(world, tmp_path, "--max_train_steps", "1", "--caption_dropout_rate", "0.3"))
+    assert "" in seen  # the empty prompt is encoded once, with the others

@@ -100,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="fraction of instance captions replaced by an empty prompt")
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is common)")
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument("--train_batch_size", type=int, default=1)
@@ -530,6 +531,15 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
 
+def dropped_captions(prompts: list[str], n_instance: int, rate: float, seed: int, micro_step: int) -> list[str]:
+    """Instance captions replaced by "" with probability ``rate`` (drawn per step and image, stateless),
+    so the adapter also learns the unconditional branch classifier-free guidance uses."""
+    if not rate:
+        return prompts
+    rng = random.Random(f"{seed}/captions/{micro_step}")
+    return [("" if i < n_instance and rng.random() < rate else p) for i, p in enumerate(prompts)]
+
+
 def posterior_sample(mean: torch.Tensor, std: torch.Tensor, seed: int, micro_step: int) -> torch.Tensor:
     """A VAE posterior sample with noise of its own for every step and image (stateless: resume-exact)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
@@ -689,7 +699,7 @@ def main(argv: list[str] | None = None) -> Path:
     embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if not train_text:
         with torch.no_grad():
-            for prompt in sorted({e.prompt for e in instance + klass}):
+            for prompt in sorted({e.prompt for e in instance + klass} | ({""} if args.caption_dropout_rate else set())):
                 embeds, pooled = encode_prompts(models, [prompt])
                 embed_cache[prompt] = (embeds[0], None if pooled is None else pooled[0])
         for name in ("text_encoder", "text_encoder_2"):
@@ -706,13 +716,14 @@ def main(argv: list[str] | None = None) -> Path:
             mean, std = posteriors_of(examples)
         latents = posterior_sample(mean, std, args.seed, micro_step)
         sdxl = models["tokenizer_2"] is not None
+        prompts = dropped_captions([e.prompt for e in examples], len(inst), args.caption_dropout_rate, args.seed, micro_step)
         batch = {"latents": latents, "time_ids": time_ids(examples, args.resolution).to(device) if sdxl else None, "n_instance": len(inst)}
         if embed_cache:
-            batch["embeds"] = torch.stack([embed_cache[e.prompt][0] for e in examples])
-            batch["pooled"] = torch.stack([embed_cache[e.prompt][1] for e in examples]) if sdxl else None
+            batch["embeds"] = torch.stack([embed_cache[p][0] for p in prompts])
+            batch["pooled"] = torch.stack([embed_cache[p][1] for p in prompts]) if sdxl else None
         else:
             batch["embeds"] = batch["pooled"] = None
-            batch["prompts"] = [e.prompt for e in examples]
+            batch["prompts"] = prompts
         return batch
 
     # ---- the adapter
