@@ -591,3 +591,36 @@ def test_caption_dropout_empties_instance_captions_at_the_rate_statelessly(world
     monkeypatch.setattr(train, "encode_prompts", lambda models, p: seen.extend(p) or encode(models, p))
     train.main(base_args(world, tmp_path, "--max_train_steps", "1", "--caption_dropout_rate", "0.3"))
     assert "" in seen  # the empty prompt is encoded once, with the others
+
+
+def test_aspect_ratio_buckets_keep_each_batch_one_size_with_its_micro_conditioning(world, tmp_path):
+    from types import SimpleNamespace
+
+    from dreambooth_data import load_examples, sdxl_buckets
+
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(128, 64), (130, 66), (64, 128), (64, 64), (66, 64), (126, 62)]):
+        Image.new("RGB", (w, h), ["red", "blue", "green"][i % 3]).save(folder / f"{i}.png")
+    buckets = sdxl_buckets(64, 32, 128, 16)
+    assert (64, 64) in buckets and (48, 80) in buckets and (80, 48) in buckets
+    examples = load_examples(folder, "a blob", 64, random_flip=True, seed=0, buckets=buckets)
+    assert sorted(e.target for e in examples) == [(48, 80)] * 3 + [(64, 64)] * 2 + [(80, 48)]
+    assert all(e.pixels.shape[1:] == e.target for e in examples)
+    args = SimpleNamespace(repeats=1, train_batch_size=2, seed=0, random_flip=True, center_crop=False, cache_latents=False)
+    batches = train.Batches(args, examples, [], 0, 1)
+    assert batches.per_epoch == 4  # 2 + 1 + 1 batches of at most 2, one size each
+    for step in range(12):
+        inst, _ = batches(step)
+        assert len({e.target for e in inst}) == 1
+        ids = train.time_ids(inst)
+        assert ids[:, 4:].tolist() == [list(inst[0].target)] * 2  # target size: the bucket
+    wide = next(e for e in examples if e.original_size == (64, 128))
+    assert train.time_ids([wide])[0, :2].tolist() == [64, 128]
+    out = tmp_path / "out"
+    args = base_args(world, out, "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16",
+                     "--max_train_steps", "3")
+    args[args.index("--instance_data_dir") + 1] = str(folder)
+    assert SparseAdapter.load(train.main(args)).num_params > 0
+    with pytest.raises(SystemExit):
+        train.parse_args(args + ["--with_prior_preservation", "--class_data_dir", str(tmp_path), "--class_prompt", "x"])

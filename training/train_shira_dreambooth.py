@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dreambooth_data import Example, load_dataset_examples, load_examples  # noqa: E402
+from dreambooth_data import Example, load_dataset_examples, load_examples, sdxl_buckets  # noqa: E402
 
 from shira_diffusion import MASK_KINDS, budget, calibration_scores, find_targets, make_masks  # noqa: E402
 from shira_diffusion.adapter import COMPONENTS  # noqa: E402
@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training size in pixels (default: the model's native size, 1024 for SDXL, 64 for the demo model)")
     g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
     g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--enable_bucket", action="store_true",
+                   help="aspect-ratio buckets: each image trains at the size of about --resolution squared nearest its shape")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=2048)
+    g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this")
     g.add_argument("--with_prior_preservation", action="store_true")
     g.add_argument("--class_data_dir", default=None)
     g.add_argument("--class_prompt", default=None, help="prompt for class images without a caption file (and for generating missing ones)")
@@ -145,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parse_targets(args.targets)
     except AdapterError as err:
         p.error(str(err))
+    if args.enable_bucket and args.with_prior_preservation:
+        p.error("--enable_bucket with --with_prior_preservation is not supported (a batch holds one bucket; class images would have to match it)")
     if (args.instance_data_dir is None) == (args.dataset_name is None):
         p.error("give one of --instance_data_dir and --dataset_name")
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
@@ -207,8 +214,9 @@ def encode_prompts(models: dict, prompts: list[str]) -> tuple[torch.Tensor, torc
     return torch.cat(embeds, dim=-1), pooled
 
 
-def time_ids(examples: list[Example], resolution: int) -> torch.Tensor:
-    return torch.tensor([[*e.original_size, *e.crop_top_left, resolution, resolution] for e in examples], dtype=torch.float32)
+def time_ids(examples: list[Example]) -> torch.Tensor:
+    """SDXL's micro-conditioning per image: original size, crop corner, target size."""
+    return torch.tensor([[*e.original_size, *e.crop_top_left, *e.target] for e in examples], dtype=torch.float32)
 
 
 def native_resolution(models: dict) -> int:
@@ -602,8 +610,26 @@ class Batches:
 
     def __init__(self, args, instance: list[Example], klass: list[Example], rank: int, world: int):
         self.args, self.instance, self.klass, self.rank, self.world = args, instance * args.repeats, klass, rank, world
-        self.per_epoch = max(1, len(self.instance) // (args.train_batch_size * world))
         self.redraw = (args.random_flip or not args.center_crop) and not args.cache_latents
+        sizes = {e.target for e in self.instance}
+        self.bucketed = len(sizes) > 1  # a batch holds images of one size
+        chunks = sum(-(-sum(e.target == s for e in self.instance) // args.train_batch_size) for s in sizes) if self.bucketed else 0
+        self.per_epoch = max(1, (chunks or len(self.instance) // args.train_batch_size) // world)
+
+    def _picked(self, epoch: int, i: int) -> list[int]:
+        order = torch.randperm(len(self.instance), generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch)).tolist()
+        bs = self.args.train_batch_size
+        if not self.bucketed:
+            start = (i * self.world + self.rank) * bs
+            return [order[(start + j) % len(order)] for j in range(bs)]
+        # the epoch's order, cut into batches within each bucket (a short last batch wraps around
+        # its bucket), the batches themselves shuffled; rank r takes every w-th
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for j in order:
+            by_size.setdefault(self.instance[j].target, []).append(j)
+        chunks = [[group[(k + n) % len(group)] for n in range(bs)] for group in by_size.values() for k in range(0, len(group), bs)]
+        shuffle = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch + 1)).tolist()
+        return chunks[shuffle[(i * self.world + self.rank) % len(chunks)]]
 
     def view(self, example: Example, kind: str, epoch: int, index: int) -> Example:
         if not self.redraw or epoch == 0:  # epoch 0: the view drawn at load
@@ -613,11 +639,8 @@ class Batches:
 
     def __call__(self, micro_step: int) -> tuple[list[Example], list[Example]]:
         epoch, i = divmod(micro_step, self.per_epoch)
-        order = torch.randperm(len(self.instance), generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch)).tolist()
         bs = self.args.train_batch_size
-        start = (i * self.world + self.rank) * bs
-        picked = [order[(start + j) % len(order)] for j in range(bs)]
-        inst = [self.view(self.instance[j], "instance", epoch, j) for j in picked]
+        inst = [self.view(self.instance[j], "instance", epoch, j) for j in self._picked(epoch, i)]
         klass = []
         for j in range(bs if self.klass else 0):
             n = micro_step * bs + j
@@ -666,11 +689,16 @@ def main(argv: list[str] | None = None) -> Path:
         if models[name] is not None:
             models[name].to(device, dtype=weight_dtype)
 
+    buckets = sdxl_buckets(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps) if args.enable_bucket else None
     if args.dataset_name:
         instance = load_dataset_examples(args.dataset_name, args.image_column, args.caption_column, args.instance_prompt, args.resolution,
-                                         args.center_crop, args.random_flip, args.seed, args.dataset_split)
+                                         args.center_crop, args.random_flip, args.seed, args.dataset_split, buckets)
     else:
-        instance = load_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip, args.seed)
+        instance = load_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip, args.seed,
+                                 buckets)
+    if buckets:
+        used = sorted({e.target for e in instance})
+        logger.info("%d bucket(s) in use: %s", len(used), ", ".join(f"{h}x{w}" for h, w in used))
     klass: list[Example] = []
     if args.with_prior_preservation:
         generate_class_images(args, models, accelerator, weight_dtype)
@@ -717,7 +745,7 @@ def main(argv: list[str] | None = None) -> Path:
         latents = posterior_sample(mean, std, args.seed, micro_step)
         sdxl = models["tokenizer_2"] is not None
         prompts = dropped_captions([e.prompt for e in examples], len(inst), args.caption_dropout_rate, args.seed, micro_step)
-        batch = {"latents": latents, "time_ids": time_ids(examples, args.resolution).to(device) if sdxl else None, "n_instance": len(inst)}
+        batch = {"latents": latents, "time_ids": time_ids(examples).to(device) if sdxl else None, "n_instance": len(inst)}
         if embed_cache:
             batch["embeds"] = torch.stack([embed_cache[p][0] for p in prompts])
             batch["pooled"] = torch.stack([embed_cache[p][1] for p in prompts]) if sdxl else None
