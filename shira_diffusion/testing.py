@@ -214,6 +214,77 @@ def _seeded(seed: int):
         yield
 
 
+# diffusers -> original (ldm) names inside a block, and the block prefixes of each model
+_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."),
+           ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
+_VAE_RESNET = [("conv_shortcut.", "nin_shortcut.")]
+_VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+
+
+def _renamed(state: dict, prefixes: dict[str, str], inner, top: str) -> dict:
+    out = {}
+    for key, value in state.items():
+        hit = max((p for p in prefixes if key.startswith(p)), key=len)
+        rest = key[len(hit):]
+        for a, b in inner(hit):
+            if rest.startswith(a):
+                rest = b + rest[len(a):]
+                break
+        out[top + prefixes[hit] + rest] = value
+    return out
+
+
+def _unet_to_ldm(unet) -> dict:
+    cfg = unet.config
+    n, lpb = len(cfg.block_out_channels), cfg.layers_per_block
+    prefix = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+              "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.0.": "middle_block.0.",
+              "mid_block.resnets.1.": "middle_block.2."}
+    for i in range(n):
+        for j in range(lpb):
+            prefix[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{(lpb + 1) * i + j + 1}.0."
+            prefix[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{(lpb + 1) * i + j + 1}.1."
+        for j in range(lpb + 1):
+            prefix[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{(lpb + 1) * i + j}.0."
+            prefix[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{(lpb + 1) * i + j}.1."
+        if i < n - 1:
+            prefix[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(lpb + 1) * (i + 1)}.0.op."
+            after = 2 if "CrossAttn" in cfg.up_block_types[i] else 1
+            prefix[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{(lpb + 1) * i + lpb}.{after}."
+    return _renamed(unet.state_dict(), prefix, lambda hit: _RESNET if "resnets" in hit else [], "model.diffusion_model.")
+
+
+def _vae_to_ldm(vae) -> dict:
+    n, lpb = len(vae.config.block_out_channels), vae.config.layers_per_block
+    prefix = {f"{side}.{name}.": f"{side}.{name}." for side in ("encoder", "decoder") for name in ("conv_in", "conv_out")}
+    prefix.update({"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out.",
+                   "quant_conv.": "quant_conv.", "post_quant_conv.": "post_quant_conv."})
+    for side in ("encoder", "decoder"):
+        prefix[f"{side}.mid_block.attentions.0."] = f"{side}.mid.attn_1."
+        prefix.update({f"{side}.mid_block.resnets.{j}.": f"{side}.mid.block_{j + 1}." for j in range(2)})
+    for i in range(n):
+        prefix.update({f"encoder.down_blocks.{i}.resnets.{j}.": f"encoder.down.{i}.block.{j}." for j in range(lpb)})
+        prefix.update({f"decoder.up_blocks.{i}.resnets.{j}.": f"decoder.up.{n - 1 - i}.block.{j}." for j in range(lpb + 1)})
+        if i < n - 1:
+            prefix[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+            prefix[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n - 1 - i}.upsample."
+    out = _renamed(vae.state_dict(), prefix, lambda hit: _VAE_RESNET if "resnets" in hit else _VAE_ATTN if "attentions" in hit else [],
+                   "first_stage_model.")
+    return {k: v[:, :, None, None] if ".attn_1." in k and v.dim() == 2 else v for k, v in out.items()}  # ldm: 1x1 convolutions
+
+
+def original_checkpoint(pipe) -> dict[str, torch.Tensor]:
+    """A Stable Diffusion 1.x pipeline's weights in the original single-file layout
+    (``model.diffusion_model.``, ``first_stage_model.``, ``cond_stage_model.transformer.``), so
+    tests can write the kind of checkpoint ``from_single_file`` reads, for any block count."""
+    sd = {**_unet_to_ldm(pipe.unet), **_vae_to_ldm(pipe.vae)}
+    # the original checkpoints keep CLIP's text_model. level (transformers 5 dropped it inside CLIPTextModel)
+    sd.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+               for k, v in pipe.text_encoder.state_dict().items()})
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket

@@ -233,3 +233,24 @@ def test_stable_diffusion_1_5_pipelines_switch_and_fuse_like_sdxl():
     assert (details["images"][0]["base"].tobytes() != details["images"][0]["a+b"].tobytes()) and grid.width >= 4 * 64
     sw.disable_adapters()
     assert (image(sw) == base).all() and all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_a_single_file_checkpoint_loads_offline_from_a_local_config_folder(tmp_path, monkeypatch):
+    """The original single-file layout (written here from the tiny SD 1.5 pipeline) plus a
+    diffusers folder for its configs and tokenizer: nothing is fetched."""
+    from safetensors.torch import save_file
+
+    from shira_diffusion.testing import original_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.save_pretrained(tmp_path / "config")
+    save_file(original_checkpoint(pipe), str(tmp_path / "model.safetensors"))
+    sw = ShiraPipelineSwitcher.from_single_file(str(tmp_path / "model.safetensors"), "fp32", "cpu", config=str(tmp_path / "config"))
+    assert type(sw.pipe).__name__ == "StableDiffusionPipeline"
+    for name in ("unet", "vae", "text_encoder"):
+        want = getattr(pipe, name).state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in getattr(sw.pipe, name).state_dict().items()), name
+    a, _ = adapters_for(sw.pipe)
+    sw.load_adapter(a, "a")
+    assert not (image(sw, adapters="a") == image(sw, adapters=None)).all()
