@@ -624,3 +624,13 @@ def test_aspect_ratio_buckets_keep_each_batch_one_size_with_its_micro_conditioni
     assert SparseAdapter.load(train.main(args)).num_params > 0
     with pytest.raises(SystemExit):
         train.parse_args(args + ["--with_prior_preservation", "--class_data_dir", str(tmp_path), "--class_prompt", "x"])
+
+
+def test_dataloader_workers_build_the_same_batches(world, tmp_path):
+    """Crops, flips and stacking in 2 worker processes: the same adapter, bit for bit, as in the loop."""
+    common = ["--max_train_steps", "3", "--random_flip"]
+    inline = SparseAdapter.load(train.main(base_args(world, tmp_path / "inline", *common)))
+    _reset()
+    workers = SparseAdapter.load(train.main(base_args(world, tmp_path / "workers", *common, "--dataloader_num_workers", "2")))
+    assert all(torch.equal(d.values, workers.deltas[k].values) for k, d in inline.deltas.items())
+    assert len(train.StepImages(None, 5, 8)) == 3 and len(train.StepImages(None, 8, 8)) == 0  # a resumed run starts at its step

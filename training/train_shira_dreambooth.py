@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs (faster, slightly less precise)")
     g.add_argument("--cache_latents", action="store_true", help="encode images once and free the VAE")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="processes that crop, flip and stack the next steps' images while this one trains (0: in the loop)")
     g.add_argument("--num_threads", type=int, default=None,
                    help="CPU threads per process (default on a CPU: the cores this process may use, shared among the "
                         "local processes; `accelerate launch` alone would leave one)")
@@ -648,6 +650,28 @@ class Batches:
         return inst, klass
 
 
+def step_images(batches: Batches, micro_step: int) -> dict:
+    """The image side of a step: its views' pixels, captions and SDXL micro-conditioning."""
+    inst, cls = batches(micro_step)
+    examples = inst + cls
+    return {"pixels": torch.stack([e.pixels for e in examples]), "prompts": [e.prompt for e in examples],
+            "time_ids": time_ids(examples), "n_instance": len(inst)}
+
+
+class StepImages(torch.utils.data.Dataset):
+    """Steps ``start`` .. ``stop - 1`` as :func:`step_images`, for DataLoader workers: the batch
+    order is stateless, so a worker can build any step and a resumed run starts at its own."""
+
+    def __init__(self, batches: Batches, start: int, stop: int) -> None:
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int) -> dict:
+        return step_images(self.batches, self.start + i)
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     from accelerate import Accelerator
@@ -707,10 +731,10 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("%d instance image(s), %d class image(s)", len(instance), len(klass))
 
     # latents and prompt embeddings computed once where nothing they depend on is trained
-    def posteriors_of(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    def posteriors_of(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE posterior's mean and std, scaled to latent units."""
         vae = models["vae"]
-        pixels = torch.stack([e.pixels for e in examples]).to(device, torch.float32)
+        pixels = pixels.to(device, torch.float32)
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
         return dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
@@ -720,7 +744,7 @@ def main(argv: list[str] | None = None) -> Path:
         if args.random_flip or not args.center_crop:
             logger.info("--cache_latents: each image keeps the crop and flip drawn at load")
         for e in instance + klass:
-            mean, std = posteriors_of([e])
+            mean, std = posteriors_of(e.pixels[None])
             posterior_cache[id(e)] = (mean[0], std[0])
         del models["vae"]
         models["vae"] = None
@@ -735,17 +759,19 @@ def main(argv: list[str] | None = None) -> Path:
 
     batches = Batches(args, instance, klass, accelerator.process_index, accelerator.num_processes)
 
-    def make_batch(micro_step: int) -> dict:
-        inst, cls = batches(micro_step)
-        examples = inst + cls
+    def make_batch(micro_step: int, images: dict | None = None) -> dict:
+        """Step ``micro_step``'s batch; ``images``: its :func:`step_images`, when a DataLoader worker built them."""
         if args.cache_latents:
-            mean, std = (torch.stack(t) for t in zip(*(posterior_cache[id(e)] for e in examples)))
+            inst, cls = batches(micro_step)
+            mean, std = (torch.stack(t) for t in zip(*(posterior_cache[id(e)] for e in inst + cls)))
+            images = {"prompts": [e.prompt for e in inst + cls], "time_ids": time_ids(inst + cls), "n_instance": len(inst)}
         else:
-            mean, std = posteriors_of(examples)
+            images = images or step_images(batches, micro_step)
+            mean, std = posteriors_of(images["pixels"])
         latents = posterior_sample(mean, std, args.seed, micro_step)
         sdxl = models["tokenizer_2"] is not None
-        prompts = dropped_captions([e.prompt for e in examples], len(inst), args.caption_dropout_rate, args.seed, micro_step)
-        batch = {"latents": latents, "time_ids": time_ids(examples).to(device) if sdxl else None, "n_instance": len(inst)}
+        prompts = dropped_captions(images["prompts"], images["n_instance"], args.caption_dropout_rate, args.seed, micro_step)
+        batch = {"latents": latents, "time_ids": images["time_ids"].to(device) if sdxl else None, "n_instance": images["n_instance"]}
         if embed_cache:
             batch["embeds"] = torch.stack([embed_cache[p][0] for p in prompts])
             batch["pooled"] = torch.stack([embed_cache[p][1] for p in prompts]) if sdxl else None
@@ -843,8 +869,12 @@ def main(argv: list[str] | None = None) -> Path:
     last = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     micro_step = global_step * args.gradient_accumulation_steps
+    loaded = None
+    if args.dataloader_num_workers and not args.cache_latents:  # cached latents leave nothing to load
+        steps = StepImages(batches, micro_step, max_steps * args.gradient_accumulation_steps)
+        loaded = iter(torch.utils.data.DataLoader(steps, batch_size=None, num_workers=args.dataloader_num_workers))
     while global_step < max_steps:
-        batch = make_batch(micro_step)
+        batch = make_batch(micro_step, next(loaded) if loaded is not None else None)
         with accelerator.accumulate(*trained), autocast:
             step_seed = args.seed * 1_000_003 + micro_step * accelerator.num_processes + accelerator.process_index
             loss = diffusion_loss(args, models, batch, step_seed)
