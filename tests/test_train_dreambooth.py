@@ -634,3 +634,17 @@ def test_dataloader_workers_build_the_same_batches(world, tmp_path):
     workers = SparseAdapter.load(train.main(base_args(world, tmp_path / "workers", *common, "--dataloader_num_workers", "2")))
     assert all(torch.equal(d.values, workers.deltas[k].values) for k, d in inline.deltas.items())
     assert len(train.StepImages(None, 5, 8)) == 3 and len(train.StepImages(None, 8, 8)) == 0  # a resumed run starts at its step
+
+
+def test_validation_reuses_the_components_set_aside_instead_of_reading_them_again(world, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    reads = {"text_encoder": 0, "vae": 0}
+    for cls, key in ((CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae")):
+        real = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, *a, _r=real, _k=key, **kw: reads.__setitem__(_k, reads[_k] + 1) or _r(c, *a, **kw)))
+    train.main(base_args(world, tmp_path, "--max_train_steps", "2", "--cache_latents", "--validation_prompt", "a sks blob",
+                         "--num_validation_images", "1", "--validation_steps", "1", "--validation_inference_steps", "2"))
+    assert len(list((tmp_path / "validation").glob("*.png"))) == 2  # steps 1 and 2 (the final validation is step 2 again)
+    assert reads == {"text_encoder": 1, "vae": 1}  # the loads for training only

@@ -248,10 +248,11 @@ def set_cpu_threads(args, accelerator) -> None:
     logger.info("%d CPU thread(s) per process", threads)
 
 
-def inference_pipeline(args, models: dict, accelerator, weight_dtype: torch.dtype):
-    """The model's own pipeline (SDXL or SD 1.x/2.x) over the components loaded for training (as trained so far). Components
-    freed after caching come back in the dtype training runs them in (the VAE in fp32), so every
-    part agrees with the others, whatever dtype the folder was saved in."""
+def inference_pipeline(args, models: dict, accelerator, weight_dtype: torch.dtype, parked: dict | None = None):
+    """The model's own pipeline (SDXL or SD 1.x/2.x) over the components loaded for training (as
+    trained so far). Components set aside after caching (``parked`` on the host) are used as they
+    are; ones freed come back from disk in the dtype training runs them in (the VAE in fp32), so
+    every part agrees with the others, whatever dtype the folder was saved in."""
     import diffusers
     from diffusers import AutoencoderKL
 
@@ -259,6 +260,7 @@ def inference_pipeline(args, models: dict, accelerator, weight_dtype: torch.dtyp
 
     parts = {k: accelerator.unwrap_model(v) if isinstance(v, torch.nn.Module) else v
              for k, v in models.items() if v is not None and k != "scheduler"}
+    parts.update({k: v.to(accelerator.device) for k, v in (parked or {}).items()})
     if "vae" not in parts:
         vae_src = args.pretrained_vae_model_name_or_path
         parts["vae"] = AutoencoderKL.from_pretrained(vae_src or args.pretrained_model_name_or_path, subfolder=None if vae_src else "vae",
@@ -304,10 +306,11 @@ def generate_class_images(args, models: dict, accelerator, weight_dtype: torch.d
     accelerator.wait_for_everyone()
 
 
-def log_validation(args, models: dict, accelerator, weight_dtype: torch.dtype, step: int) -> list:
+def log_validation(args, models: dict, accelerator, weight_dtype: torch.dtype, step: int, parked: dict | None = None) -> list:
     """--num_validation_images renders of --validation_prompt with the weights as trained now,
-    saved to ``validation/step-<step>-<i>.png`` and sent to tensorboard."""
-    pipe = inference_pipeline(args, models, accelerator, weight_dtype)
+    saved to ``validation/step-<step>-<i>.png`` and sent to tensorboard or wandb. ``parked``
+    components go back to the host afterwards."""
+    pipe = inference_pipeline(args, models, accelerator, weight_dtype, parked)
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(exist_ok=True)
     images = []
@@ -316,6 +319,8 @@ def log_validation(args, models: dict, accelerator, weight_dtype: torch.dtype, s
                        height=args.resolution, width=args.resolution, generator=torch.Generator().manual_seed(args.seed + i))[0]
         image.save(folder / f"step-{step:06d}-{i}.png")
         images.append(image)
+    for module in (parked or {}).values():
+        module.to("cpu")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -739,6 +744,7 @@ def main(argv: list[str] | None = None) -> Path:
             dist = vae.encode(pixels).latent_dist
         return dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
 
+    parked: dict[str, torch.nn.Module] = {}  # components done with for training, kept on the host for validation
     posterior_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if args.cache_latents:
         if args.random_flip or not args.center_crop:
@@ -746,7 +752,8 @@ def main(argv: list[str] | None = None) -> Path:
         for e in instance + klass:
             mean, std = posteriors_of(e.pixels[None])
             posterior_cache[id(e)] = (mean[0], std[0])
-        del models["vae"]
+        if args.validation_prompt:  # kept on the host for validation instead of re-read from disk each time
+            parked["vae"] = models["vae"].to("cpu")
         models["vae"] = None
     embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if not train_text:
@@ -755,7 +762,9 @@ def main(argv: list[str] | None = None) -> Path:
                 embeds, pooled = encode_prompts(models, [prompt])
                 embed_cache[prompt] = (embeds[0], None if pooled is None else pooled[0])
         for name in ("text_encoder", "text_encoder_2"):
-            models[name] = None  # freed: prompts are encoded once
+            if args.validation_prompt and models[name] is not None:
+                parked[name] = models[name].to("cpu")
+            models[name] = None  # off the device: prompts are encoded once
 
     batches = Batches(args, instance, klass, accelerator.process_index, accelerator.num_processes)
 
@@ -856,7 +865,7 @@ def main(argv: list[str] | None = None) -> Path:
             return
         if args.adapter_type == "shira":
             sparse.sync_weights()
-        log_validation(args, models, accelerator, weight_dtype, step)
+        log_validation(args, models, accelerator, weight_dtype, step, parked)
         for module in trained:
             module.train()
 
