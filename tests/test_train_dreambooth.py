@@ -622,8 +622,21 @@ def test_aspect_ratio_buckets_keep_each_batch_one_size_with_its_micro_conditioni
                      "--max_train_steps", "3")
     args[args.index("--instance_data_dir") + 1] = str(folder)
     assert SparseAdapter.load(train.main(args)).num_params > 0
-    with pytest.raises(SystemExit):
-        train.parse_args(args + ["--with_prior_preservation", "--class_data_dir", str(tmp_path), "--class_prompt", "x"])
+    # prior preservation: missing class images are generated at the instance buckets' sizes
+    classes = tmp_path / "classes"
+    _reset()
+    train.main(args + ["--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", "a blob", "--num_class_images", "3",
+                       "--sample_batch_size", "1", "--output_dir", str(tmp_path / "out2")])
+    assert sorted(Image.open(p).size for p in classes.glob("*.png")) == [(48, 80), (64, 64), (80, 48)]  # (width, height)
+    klass = load_examples(classes, "a blob", 64, buckets=buckets)
+    bucketed = train.Batches(SimpleNamespace(repeats=1, train_batch_size=2, seed=0, random_flip=False, center_crop=True, cache_latents=False),
+                             examples, klass, 0, 1)
+    for step in range(8):
+        inst, cls = bucketed(step)
+        assert {e.target for e in inst + cls} == {inst[0].target} and len(cls) == 2
+    with pytest.raises(ValueError, match="no class image in bucket"):
+        train.Batches(SimpleNamespace(repeats=1, train_batch_size=2, seed=0, random_flip=False, center_crop=True, cache_latents=False),
+                      examples, [e for e in klass if e.target == (64, 64)], 0, 1)
 
 
 def test_dataloader_workers_build_the_same_batches(world, tmp_path):

@@ -152,8 +152,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parse_targets(args.targets)
     except AdapterError as err:
         p.error(str(err))
-    if args.enable_bucket and args.with_prior_preservation:
-        p.error("--enable_bucket with --with_prior_preservation is not supported (a batch holds one bucket; class images would have to match it)")
     if (args.instance_data_dir is None) == (args.dataset_name is None):
         p.error("give one of --instance_data_dir and --dataset_name")
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
@@ -285,8 +283,9 @@ def render(pipe, prompt, weight_dtype: torch.dtype, **kwargs) -> list:
     return pipe.image_processor.postprocess(images, output_type="pil")
 
 
-def generate_class_images(args, models: dict, accelerator, weight_dtype: torch.dtype) -> None:
-    """Fill --class_data_dir up to --num_class_images with base-model renders of --class_prompt."""
+def generate_class_images(args, models: dict, accelerator, weight_dtype: torch.dtype, sizes: list[tuple[int, int]] | None = None) -> None:
+    """Fill --class_data_dir up to --num_class_images with base-model renders of --class_prompt,
+    at ``sizes`` (height, width) in turn (the instance images' buckets), else square."""
     folder = Path(args.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     have = len([p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}])
@@ -296,10 +295,12 @@ def generate_class_images(args, models: dict, accelerator, weight_dtype: torch.d
         return
     pipe = inference_pipeline(args, models, accelerator, weight_dtype)
     dtype = DTYPES[args.prior_generation_precision] if args.prior_generation_precision else weight_dtype
+    sizes = sizes or [(args.resolution, args.resolution)]
     for start in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
         n = min(args.sample_batch_size, missing - start)
         gen = torch.Generator().manual_seed(args.seed + have + start)
-        images = render(pipe, [args.class_prompt] * n, dtype, generator=gen, height=args.resolution, width=args.resolution)
+        height, width = sizes[(have + start) // args.sample_batch_size % len(sizes)]
+        images = render(pipe, [args.class_prompt] * n, dtype, generator=gen, height=height, width=width)
         for i, image in enumerate(images):
             image.save(folder / f"class_{have + start + i:05d}.png")
     del pipe
@@ -622,6 +623,13 @@ class Batches:
         self.bucketed = len(sizes) > 1  # a batch holds images of one size
         chunks = sum(-(-sum(e.target == s for e in self.instance) // args.train_batch_size) for s in sizes) if self.bucketed else 0
         self.per_epoch = max(1, (chunks or len(self.instance) // args.train_batch_size) // world)
+        self.klass_by_size: dict[tuple[int, int], list[Example]] = {}
+        for e in klass:
+            self.klass_by_size.setdefault(e.target, []).append(e)
+        lacking = sorted(size for size in sizes if klass and self.bucketed and size not in self.klass_by_size)
+        if lacking:
+            raise ValueError(f"no class image in bucket(s) {', '.join(f'{h}x{w}' for h, w in lacking)}, which hold instance images: "
+                             "add class images of those shapes (or let missing ones be generated, at the buckets' sizes)")
 
     def _picked(self, epoch: int, i: int) -> list[int]:
         order = torch.randperm(len(self.instance), generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch)).tolist()
@@ -648,10 +656,11 @@ class Batches:
         epoch, i = divmod(micro_step, self.per_epoch)
         bs = self.args.train_batch_size
         inst = [self.view(self.instance[j], "instance", epoch, j) for j in self._picked(epoch, i)]
+        pool = self.klass_by_size[inst[0].target] if self.bucketed and self.klass else self.klass  # a batch holds one size
         klass = []
-        for j in range(bs if self.klass else 0):
+        for j in range(bs if pool else 0):
             n = micro_step * bs + j
-            klass.append(self.view(self.klass[n % len(self.klass)], "class", n // len(self.klass), n % len(self.klass)))
+            klass.append(self.view(pool[n % len(pool)], "class", n // len(pool), n % len(pool)))
         return inst, klass
 
 
@@ -730,8 +739,9 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("%d bucket(s) in use: %s", len(used), ", ".join(f"{h}x{w}" for h, w in used))
     klass: list[Example] = []
     if args.with_prior_preservation:
-        generate_class_images(args, models, accelerator, weight_dtype)
-        klass = load_examples(args.class_data_dir, args.class_prompt, args.resolution, args.center_crop, args.random_flip, args.seed + 1)
+        generate_class_images(args, models, accelerator, weight_dtype, sorted({e.target for e in instance}) if buckets else None)
+        klass = load_examples(args.class_data_dir, args.class_prompt, args.resolution, args.center_crop, args.random_flip, args.seed + 1,
+                              buckets)
         klass = klass[: args.num_class_images]
     logger.info("%d instance image(s), %d class image(s)", len(instance), len(klass))
 
