@@ -9,6 +9,9 @@ model is loaded: what training itself costs. Precision settings:
   (diffusers' ``--mixed_precision``; LoRA parameters are upcast to fp32 as diffusers does);
 * ``fp32``: everything fp32.
 
+Workers run with a fixed glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_``), so a CPU peak RSS is
+live memory rather than whatever the allocator happened to keep.
+
     python benchmarks/training_memory.py --precisions bf16 fp32 --checkpointing both --steps 3
     python benchmarks/training_memory.py --reduced --steps 2        # tiny UNet smoke run
 """
@@ -30,6 +33,10 @@ import torch
 from shira_diffusion.dtypes import DTYPES
 
 METHODS = ("ours", "peft_lora", "peft_shira")
+# glibc raises its mmap threshold as large blocks are freed, after which freed memory stays in the
+# process: the same run's peak RSS then came out 7.1 or 11.3 GiB by chance. A fixed threshold
+# returns every large block at once, so the peak is the memory the configuration really held.
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
 
 
 def peak_bytes(device: str) -> int:
@@ -142,7 +149,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", "--method", method, "--precision", precision, "--ckpt", str(ckpt),
                        "--rank", str(args.rank), "--mask", args.mask, "--resolution", str(args.resolution), "--batch", str(args.batch),
                        "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device, *(["--reduced"] if args.reduced else [])]
-                done = subprocess.run(cmd, capture_output=True, text=True)
+                done = subprocess.run(cmd, capture_output=True, text=True, env=WORKER_ENV)
                 if done.returncode != 0:
                     runs.append({"method": method, "precision": precision, "checkpointing": bool(ckpt), "error": done.stderr[-2000:]})
                 else:

@@ -67,6 +67,8 @@ class _Slices:
         gather[in_rows] = row_pos[r[in_rows]] * in_f + c[in_rows]
         gather[in_cols] = rows.numel() * in_f + r[in_cols] * cols.numel() + col_pos[c[in_cols]]
         gather[on_diag] = rows.numel() * in_f + out_f * cols.numel() + torch.arange(diag.numel())
+        # int32 where it fits: the map is held for the whole run, one entry per mask entry
+        gather = gather.to(torch.int32) if gather.numel() and int(gather.max()) < 2**31 else gather
         return _Slices(*(t.to(device) for t in (rows, cols, diag, gather)))
 
     def grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
