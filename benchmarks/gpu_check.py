@@ -33,6 +33,7 @@ import torch
 
 from common import median  # benchmarks/ is on the path when run as a script
 from switching import lora_files, time_load_and_apply
+from training_memory import WORKER_ENV
 from shira_diffusion import ShiraEngine, SparseAdapter, find_targets
 from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
 
@@ -178,7 +179,7 @@ def bench_training(args) -> dict:
         cmd = [sys.executable, str(HERE / "training_memory.py"), "--worker", "--method", method, "--mask", mask, "--precision", "bf16",
                "--ckpt", "1", "--rank", "16", "--resolution", str(args.resolution), "--batch", "1", "--steps", "2",
                "--device", args.device, *(["--reduced"] if args.reduced else [])]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=WORKER_ENV)
         key = method if method != "ours" else f"ours_{mask}"
         runs[key] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-1500:]}
     lora = runs["peft_lora"]

@@ -20,6 +20,11 @@ import torch
 _SHIFTS = {bits: torch.arange(0, 8 * bits, bits, dtype=torch.int64) for bits in range(1, 9)}
 
 
+def index_dtype(numel: int) -> torch.dtype:
+    """The narrowest dtype for flat indices into ``numel`` entries: int32 for every SDXL weight."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
 class IndexCodecError(ValueError):
     """The packed stream does not decode to the expected indices."""
 
@@ -81,7 +86,7 @@ def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     last = int(units[: int(ends[-1]) + 1].sum()) + cap * (int(ends[-1]) - count + 1) - 1
     if last >= numel:
         raise IndexCodecError(f"index out of range: {last} >= {numel} entries")
-    dtype = torch.int32 if numel < 2**31 else torch.int64  # the largest index is `last`, below numel
+    dtype = index_dtype(numel)  # the largest index is `last`, below numel
     indices = torch.cumsum(units, 0, dtype=dtype)[ends]
     zeros_before = ends.sub_(torch.arange(count, dtype=torch.int64))  # p_k - k
     return indices.add_(zeros_before.to(dtype), alpha=cap).sub_(1)

@@ -82,14 +82,17 @@ def load_vae(source: str, dtype: torch.dtype, **kwargs):
 
 def _pretrained(cls, source: str, dtype: torch.dtype, kwargs: dict):
     """``cls.from_pretrained`` reading the fp16 variant in fp16 where the source has one."""
+    def load(**variant):
+        return cls.from_pretrained(source, use_safetensors=True, **dtype_kwargs(dtype), **kwargs, **variant)
+
     if dtype != torch.float16 or "variant" in kwargs:
-        return cls.from_pretrained(source, use_safetensors=True, **dtype_kwargs(dtype), **kwargs)
+        return load()
     try:
-        return cls.from_pretrained(source, use_safetensors=True, variant="fp16", **dtype_kwargs(dtype), **kwargs)
+        return load(variant="fp16")
     except ValueError as err:  # diffusers' words when no component has the variant's files
         if "variant=fp16" not in str(err):
             raise
-    return cls.from_pretrained(source, use_safetensors=True, **dtype_kwargs(dtype), **kwargs)
+    return load()
 
 
 SUPPORTED = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")  # text-to-image classes; others run via from_pipe

@@ -170,17 +170,18 @@ class ShiraPipelineSwitcher:
     def __call__(self, prompt=None, *args, adapters=_KEEP, adapter_weights=None, **kwargs):
         """Generate; with ``adapters=`` (a name, names, ``{name: weight}`` or None) switch first,
         atomically with the generation."""
-        return self._generate(self.pipe, prompt, args, adapters, adapter_weights, kwargs)
+        return self.generate(self.pipe, prompt, *args, adapters=adapters, adapter_weights=adapter_weights, **kwargs)
 
     def img2img(self, prompt=None, image=None, *args, adapters=_KEEP, adapter_weights=None, controlnet=None, **kwargs):
         """diffusers' img2img pipeline on this switcher's weights (``strength`` etc. as there)."""
-        return self._generate(self.pipeline("img2img", controlnet), prompt, args, adapters, adapter_weights, dict(kwargs, image=image))
+        return self.generate(self.pipeline("img2img", controlnet), prompt, *args, adapters=adapters, adapter_weights=adapter_weights,
+                             image=image, **kwargs)
 
     def inpaint(self, prompt=None, image=None, mask_image=None, *args, adapters=_KEEP, adapter_weights=None, controlnet=None,
                 **kwargs):
         """diffusers' inpainting pipeline on this switcher's weights (white in ``mask_image`` is repainted)."""
-        return self._generate(self.pipeline("inpaint", controlnet), prompt, args, adapters, adapter_weights,
-                              dict(kwargs, image=image, mask_image=mask_image))
+        return self.generate(self.pipeline("inpaint", controlnet), prompt, *args, adapters=adapters, adapter_weights=adapter_weights,
+                             image=image, mask_image=mask_image, **kwargs)
 
     def pipeline(self, kind: str | type = "img2img", controlnet=None, **components):
         """A diffusers pipeline of ``kind`` (``text2img``, ``img2img``, ``inpaint`` or a pipeline
@@ -190,8 +191,6 @@ class ShiraPipelineSwitcher:
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
         if controlnet is not None:
-            if not hasattr(self.pipe.unet, "_hf_hook"):  # offloaded pipelines: placing it is the caller's (accelerate's) job
-                controlnet.to(device=self.pipe.unet.device, dtype=self.pipe.unet.dtype)
             components["controlnet"] = controlnet
         key = (kind, tuple(sorted((name, id(c)) for name, c in components.items())))
         if isinstance(kind, str):
@@ -205,6 +204,8 @@ class ShiraPipelineSwitcher:
             auto = kind
         with self.engine.lock:  # from_pipe touches the shared components: never during a generation
             if key not in self._pipes:
+                if controlnet is not None and not hasattr(self.pipe.unet, "_hf_hook"):  # offloaded: accelerate places it
+                    controlnet.to(device=self.pipe.unet.device, dtype=self.pipe.unet.dtype)
                 # the dtype keeps from_pipe from casting the shared components (its default is fp32)
                 new = auto.from_pipe(self.pipe, dtype=self.pipe.unet.dtype, **components)
                 if new.unet is not self.pipe.unet:
@@ -214,12 +215,9 @@ class ShiraPipelineSwitcher:
                 self._pipes[key] = new
         return self._pipes[key]
 
-    def generate(self, pipe, *args, adapters=_KEEP, adapter_weights=None, **kwargs):
-        """Run ``pipe`` (one of :meth:`pipeline`'s) with ``adapters`` switched in, under the lock."""
-        prompt, rest = (args[0], args[1:]) if args else (kwargs.pop("prompt", None), ())
-        return self._generate(pipe, prompt, rest, adapters, adapter_weights, kwargs)
-
-    def _generate(self, pipe, prompt, args, adapters, adapter_weights, kwargs):
+    def generate(self, pipe, prompt=None, *args, adapters=_KEEP, adapter_weights=None, **kwargs):
+        """Run ``pipe`` (this pipeline or one of :meth:`pipeline`'s) with ``adapters`` switched in,
+        under the lock, large images decoded in tiles (:func:`.loading.vae_memory`)."""
         images = max(1, len(prompt) if isinstance(prompt, list) else 1) * int(kwargs.get("num_images_per_prompt") or 1)
         with self.engine.lock, vae_memory(pipe, kwargs.get("height"), kwargs.get("width"), images):
             if adapters is not self._KEEP:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from .adapter import AdapterError, SparseAdapter, SparseDelta
+from .index_codec import index_dtype
 from .lora import LoraAdapter, LoraDelta
 
 
@@ -77,8 +78,7 @@ def entries_of(adapter: SparseAdapter | LoraAdapter, pin: bool = False) -> dict[
         if isinstance(delta, LoraDelta):
             out[key] = DenseEntry(_host(delta.down, pin), _host(delta.up, pin), float(delta.scale), delta.shape)
         else:
-            narrow = torch.int32 if math.prod(delta.shape) < 2**31 else torch.int64
-            out[key] = SparseEntry(_host(delta.indices.to(narrow), pin), _host(delta.values, pin), delta.shape)
+            out[key] = SparseEntry(_host(delta.indices.to(index_dtype(math.prod(delta.shape))), pin), _host(delta.values, pin), delta.shape)
     return out
 
 
@@ -100,7 +100,7 @@ class Stored:
         """The adapter rebuilt from the entries, for analysis (weight-space metrics, export)."""
         if any(e.dense for e in self.entries.values()):
             return LoraAdapter({k: LoraDelta(e.down, e.up, e.lora_scale, e.shape) for k, e in self.entries.items()}, self.metadata)
-        return SparseAdapter._trusted({k: SparseDelta(e.indices.long(), e.values, e.shape) for k, e in self.entries.items()},
+        return SparseAdapter._trusted({k: SparseDelta(e.indices, e.values, e.shape) for k, e in self.entries.items()},
                                       self.metadata)
 
 

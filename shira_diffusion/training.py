@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import SparseAdapter, SparseDelta
+from .index_codec import index_dtype
 from .targets import pipeline_components, resolve_module
 
 
@@ -155,6 +156,15 @@ def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return _SparseConv2d.apply(x, self.weight, self.bias, self.shira_indices, self.shira_values, self)
 
 
+def mask_bytes(module: nn.Module) -> int:
+    """Bytes a sparsely trained module holds for the whole run besides its values: the mask, the
+    base values at it and, for row/column/diagonal masks, the slice map."""
+    slices = getattr(module, "shira_slices", None)
+    held = [getattr(module, "shira_indices", None), getattr(module, "shira_base", None),
+            *((slices.rows, slices.cols, slices.diag, slices.gather) if slices is not None else ())]
+    return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
 class SparseTraining:
     """Makes the masked entries of the given Linear / Conv2d weights trainable, in place.
 
@@ -176,7 +186,7 @@ class SparseTraining:
         for key, module in self.modules.items():
             w = module.weight
             # int32 where it fits: the mask is held for the whole run, int64 would double it
-            idx = masks[key].to(w.device, torch.int32 if w.numel() < 2**31 else torch.int64)
+            idx = masks[key].to(w.device, index_dtype(w.numel()))
             w.requires_grad_(False)
             base = w.detach().view(-1).index_select(0, idx)
             # plain attributes, not buffers: they are not model state, and DDP would resend every

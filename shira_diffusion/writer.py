@@ -245,10 +245,11 @@ class WeightWriter:
             put(flat, None, (flat.to(acc) + total).to(flat.dtype))
             return
         ws = self._ws
-        indices = [ws.long(str(i), m.entry.indices, device) for i, m in enumerate(members)]
-        for m, idx in zip(members, indices):  # every original before any write: overlaps save the same base value
+        kept = [self._kept_indices(m.entry, device) for m in members]  # one upload each; widened on the device
+        indices = [ws.long(str(i), k, device) for i, k in enumerate(kept)]
+        for m, k, idx in zip(members, kept, indices):  # every original before any write: overlaps save the same base value
             orig = torch.index_select(flat, 0, idx, out=ws.take(idx.numel(), flat.dtype, device))
-            undo.records.append((m.name, self._kept_indices(m.entry, device), orig))
+            undo.records.append((m.name, k, orig))
         if len(members) == 1:
             m, (_, _, orig), idx = members[0], undo.records[0], indices[0]
             delta = self._delta(m, idx.numel(), acc, device)

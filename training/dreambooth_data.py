@@ -105,8 +105,8 @@ def read_captions(folder: Path) -> dict[str, str]:
 
 
 def resize(image: Image.Image, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Upright RGB scaled to just cover ``size`` (height, width), as a (3, H, W) uint8 tensor, and its original (height, width)."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    """An upright RGB image scaled to just cover ``size`` (height, width), as a (3, H, W) uint8
+    tensor, and its original (height, width)."""
     original_size = (image.height, image.width)
     scale = max(size[0] / image.height, size[1] / image.width)
     width, height = max(size[1], round(image.width * scale)), max(size[0], round(image.height * scale))

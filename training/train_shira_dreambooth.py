@@ -39,7 +39,7 @@ from shira_diffusion.adapter import COMPONENTS  # noqa: E402
 from shira_diffusion.dtypes import DTYPES  # noqa: E402
 from shira_diffusion.adapter import AdapterError  # noqa: E402
 from shira_diffusion.targets import parse_targets, resolve_module  # noqa: E402
-from shira_diffusion.training import SparseTraining  # noqa: E402
+from shira_diffusion.training import SparseTraining, mask_bytes  # noqa: E402
 
 logger = logging.getLogger("train_shira_dreambooth")
 ADAPTER_FILE = "shira_adapter.safetensors"
@@ -516,8 +516,7 @@ def memory_held(models: dict, params: list, optimizer) -> dict[str, int]:
     trainable = sum(p.numel() * p.element_size() for p in params)
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
     moments = 2 if "adam" in type(inner).__name__.lower() else 1  # fp32 moments: for 8-bit Adam an upper bound
-    masks = sum(t.numel() * t.element_size() for m in models.values() if isinstance(m, torch.nn.Module) for mod in m.modules()
-                for t in (getattr(mod, "shira_indices", None), getattr(mod, "shira_base", None)) if t is not None)
+    masks = sum(mask_bytes(mod) for m in models.values() if isinstance(m, torch.nn.Module) for mod in m.modules())
     return {"frozen model": frozen, "trainable": trainable, "gradients": trainable, "optimizer state": moments * trainable, "masks": masks}
 
 
@@ -619,6 +618,7 @@ class Batches:
     def __init__(self, args, instance: list[Example], klass: list[Example], rank: int, world: int):
         self.args, self.instance, self.klass, self.rank, self.world = args, instance * args.repeats, klass, rank, world
         self.redraw = (args.random_flip or not args.center_crop) and not args.cache_latents
+        self._last: tuple[int, tuple[list[int], list[list[int]]]] | None = None
         sizes = {e.target for e in self.instance}
         self.bucketed = len(sizes) > 1  # a batch holds images of one size
         chunks = sum(-(-sum(e.target == s for e in self.instance) // args.train_batch_size) for s in sizes) if self.bucketed else 0
@@ -631,20 +631,29 @@ class Batches:
             raise ValueError(f"no class image in bucket(s) {', '.join(f'{h}x{w}' for h, w in lacking)}, which hold instance images: "
                              "add class images of those shapes (or let missing ones be generated, at the buckets' sizes)")
 
-    def _picked(self, epoch: int, i: int) -> list[int]:
+    def _epoch(self, epoch: int) -> tuple[list[int], list[list[int]]]:
+        """The epoch's order and, with buckets, its batches (cut within each bucket, a short last
+        batch wrapping around its bucket, then shuffled); computed once per epoch."""
+        if self._last is not None and self._last[0] == epoch:
+            return self._last[1]
         order = torch.randperm(len(self.instance), generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch)).tolist()
-        bs = self.args.train_batch_size
-        if not self.bucketed:
-            start = (i * self.world + self.rank) * bs
-            return [order[(start + j) % len(order)] for j in range(bs)]
-        # the epoch's order, cut into batches within each bucket (a short last batch wraps around
-        # its bucket), the batches themselves shuffled; rank r takes every w-th
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for j in order:
-            by_size.setdefault(self.instance[j].target, []).append(j)
-        chunks = [[group[(k + n) % len(group)] for n in range(bs)] for group in by_size.values() for k in range(0, len(group), bs)]
-        shuffle = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch + 1)).tolist()
-        return chunks[shuffle[(i * self.world + self.rank) % len(chunks)]]
+        chunks: list[list[int]] = []
+        if self.bucketed:
+            bs, by_size = self.args.train_batch_size, {}
+            for j in order:
+                by_size.setdefault(self.instance[j].target, []).append(j)
+            chunks = [[group[(k + n) % len(group)] for n in range(bs)] for group in by_size.values() for k in range(0, len(group), bs)]
+            shuffle = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch + 1)).tolist()
+            chunks = [chunks[s] for s in shuffle]
+        self._last = (epoch, (order, chunks))
+        return order, chunks
+
+    def _picked(self, epoch: int, i: int) -> list[int]:
+        order, chunks = self._epoch(epoch)
+        if chunks:  # rank r of w takes every w-th batch
+            return chunks[(i * self.world + self.rank) % len(chunks)]
+        start = (i * self.world + self.rank) * self.args.train_batch_size
+        return [order[(start + j) % len(order)] for j in range(self.args.train_batch_size)]
 
     def view(self, example: Example, kind: str, epoch: int, index: int) -> Example:
         if not self.redraw or epoch == 0:  # epoch 0: the view drawn at load
@@ -815,7 +824,9 @@ def main(argv: list[str] | None = None) -> Path:
             with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 scores = calibration_scores(weights, lambda s: diffusion_loss(args, models, make_batch(s), args.seed + 10**6 + s), range(args.calibration_steps))
             # each process saw its own calibration batches: sum them, so every rank picks the same mask
-            scores = {k: accelerator.reduce(v, "sum") for k, v in scores.items()}
+            if accelerator.num_processes > 1:
+                for v in scores.values():  # in place: no second copy of the scores on the device
+                    torch.distributed.all_reduce(v)
         masks = make_masks(weights, args.mask, density=args.density, rank=args.lora_equivalent_rank, seed=args.mask_seed, scores=scores)
         del scores
         digest = agreed_masks(accelerator, masks)
