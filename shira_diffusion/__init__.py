@@ -2,7 +2,7 @@
 
 from .adapter import COMPONENTS, AdapterError, SparseAdapter, SparseDelta, fingerprint
 from .engine import ShiraEngine
-from .lora import LoraAdapter, LoraDelta
+from .lora import DenseDelta, FullDelta, LoraAdapter, LoraDelta, LohaDelta, LokrDelta
 from .masks import MASK_KINDS, budget, calibration_scores, make_mask, make_masks
 from .metrics import interference
 from .pipeline import ShiraPipelineSwitcher
@@ -15,8 +15,12 @@ __all__ = [
     "DEFAULT_TARGETS",
     "MASK_KINDS",
     "AdapterError",
+    "DenseDelta",
+    "FullDelta",
     "LoraAdapter",
     "LoraDelta",
+    "LohaDelta",
+    "LokrDelta",
     "ShiraEngine",
     "ShiraPipelineSwitcher",
     "SparseAdapter",

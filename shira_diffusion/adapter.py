@@ -153,6 +153,14 @@ def split_key(key: str) -> tuple[str, str]:
     return component, path
 
 
+BIAS = ":bias"  # a key's suffix for a delta of the module's bias instead of its weight
+
+
+def param_of(key: str) -> tuple[str, str]:
+    """``"unet.a.b:bias"`` -> ``("unet.a.b", "bias")``; ``"unet.a.b"`` -> ``("unet.a.b", "weight")``."""
+    return (key[: -len(BIAS)], "bias") if key.endswith(BIAS) else (key, "weight")
+
+
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _CLIP_TOP = ("embeddings", "encoder", "final_layer_norm")  # what CLIPTextModel held under `text_model` before transformers 5
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from .adapter import COMPONENTS, FORMAT_VERSION, AdapterError, SparseAdapter
+from .adapter import BIAS, COMPONENTS, FORMAT_VERSION, AdapterError, SparseAdapter
 from .dtypes import DTYPES, dtype_name
-from .interop import file_kind, load_any, write_peft_folders
+from .interop import file_kind, is_kohya_file, load_any, write_peft_folders
 from .lora import LoraAdapter
+from .targets import pipeline_components, resolve_weight
 
 DTYPE_NAMES = tuple(DTYPES)
 
@@ -49,20 +51,24 @@ def _sparse(path: str, command: str) -> SparseAdapter:
 
 def cmd_inspect(args) -> None:
     path = Path(args.file)
+    if not args.model and file_kind(path) == "other" and is_kohya_file(path):
+        print("\n".join(_kohya_header_lines(path)))  # names and training metadata need no model
+        return
     adapter = load_any(path, _pipeline(args.model) if args.model else None)
     lines = [f"file:        {path} ({_size(path):,} bytes)"]
     if isinstance(adapter, LoraAdapter):
-        ranks = sorted({d.rank for d in adapter.deltas.values()})
-        dtypes = sorted({dtype_name(d.up.dtype) for d in adapter.deltas.values()})
+        ranks = f" (rank {'/'.join(map(str, adapter.ranks))})" if adapter.ranks else ""
         lines += [
-            f"format:      LoRA safetensors, read for {args.model}",
-            f"params:      {adapter.num_params:,} in {len(adapter.deltas)} weights (rank {'/'.join(map(str, ranks))}; "
-            f"changes {sum(d.nnz for d in adapter.deltas.values()):,} entries)",
-            f"dtype:       {'/'.join(dtypes)}",
+            f"format:      {'kohya/LyCORIS' if adapter.metadata.get('format') == 'kohya' else 'LoRA'} safetensors, read for {args.model}",
+            f"kinds:       {', '.join(f'{k} {n}' for k, n in adapter.kinds.items())} (weights)",
+            f"params:      {adapter.num_params:,} in {len(adapter.deltas)} deltas{ranks}; "
+            f"changes {sum(d.nnz for d in adapter.deltas.values()):,} entries",
+            f"dtype:       {dtype_name(adapter.dtype)}",
         ]
         for component in adapter.components:
             deltas = [d for k, d in adapter.deltas.items() if k.startswith(component + ".")]
-            lines.append(f"  {component:15s} {len(deltas):4d} weights {sum(d.num_params for d in deltas):>14,} params")
+            lines.append(f"  {component:15s} {len(deltas):4d} deltas  {sum(d.num_params for d in deltas):>14,} params")
+        lines += _training_lines(adapter.metadata.get("training") or {})
     else:
         meta = adapter.metadata
         lines += [
@@ -76,6 +82,39 @@ def cmd_inspect(args) -> None:
         for component, (weights, nnz, numel) in adapter.by_component().items():
             lines.append(f"  {component:15s} {weights:4d} weights {nnz:>14,} params  density {nnz / numel:.4%}")
     print("\n".join(lines))
+
+
+def _kohya_header_lines(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    from .kohya import PREFIXES, describe, training_metadata
+
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        header = f.metadata() or {}
+    params = sum(math.prod(s) for k, s in shapes.items() if not k.endswith(".alpha"))
+    components = sorted({PREFIXES[p] for k in shapes for p in PREFIXES if k.startswith(p)})
+    return [
+        f"file:        {path} ({_size(path):,} bytes)",
+        "format:      kohya/LyCORIS safetensors (pass --model to check it against a pipeline)",
+        f"kinds:       {', '.join(f'{k} {n}' for k, n in describe(shapes).items())} (modules)",
+        f"params:      {params:,} in {len(shapes)} tensors, for {', '.join(components)}",
+        *_training_lines(training_metadata(header)),
+    ]
+
+
+def _training_lines(training: dict) -> list[str]:
+    if not training:
+        return ["training:    no training metadata in the file"]
+    lines = ["training:"]
+    for field in ("title", "output_name", "base_model", "network", "dim", "alpha", "resolution", "images", "epochs", "steps", "comment"):
+        if field in training:
+            lines.append(f"  {field:13s} {training[field]}")
+    if training.get("tags"):
+        lines.append("  tags          " + ", ".join(f"{t} ({n})" for t, n in training["tags"].items()))
+    if training.get("trigger"):
+        lines.append(f"  trigger       {training['trigger']!r} (suggested prompt: \"{training['trigger']}, ...\")")
+    return lines
 
 
 def cmd_convert(args) -> None:
@@ -110,13 +149,19 @@ def cmd_convert(args) -> None:
             raise AdapterError("lora2shira needs --model (the SDXL pipeline the LoRA was made for) to read the file")
         if (args.density is None) == (args.lora_equivalent_rank is None):
             raise AdapterError("lora2shira needs exactly one of --density or --lora_equivalent_rank")
-        lora = read_lora(args.input, _pipeline(args.model))
-        adapter, energy = lora_to_shira(lora, density=args.density, rank=args.lora_equivalent_rank)
+        pipe = _pipeline(args.model)
+        lora = read_lora(args.input, pipe)
+        components = pipeline_components(pipe)
+        weights = {k: resolve_weight(components, k).detach() for k, d in lora.deltas.items() if d.needs_base}
+        adapter, energy = lora_to_shira(lora, density=args.density, rank=args.lora_equivalent_rank, weights=weights)
         adapter.metadata["base_model"] = args.model
         adapter.save(out, dtype=dtype)
-        print(f"wrote {out} ({adapter.num_params:,} params from a {lora.num_params:,}-param LoRA)")
+        kinds = ", ".join(f"{k} {n}" for k, n in lora.kinds.items())
+        print(f"wrote {out} ({adapter.num_params:,} params from a {lora.num_params:,}-param adapter: {kinds})")
         for component, value in sorted(energy.items()):
             print(f"  retained energy {component}: {value:.4f}")
+        if skipped := [k for k in lora.deltas if k.endswith(BIAS)]:
+            print(f"  not converted: {len(skipped)} bias deltas (SHiRA adapts weights), e.g. {skipped[0]}")
 
 
 def cmd_diff(args) -> None:
@@ -170,14 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show an adapter's format, base, mask, density, params, size and dtype")
-    p.add_argument("file", help="a SHiRA .safetensors file or a PEFT SHiRA folder")
-    p.add_argument("--model", default=None, help="pipeline giving weight shapes, for PEFT folders whose shapes cannot be inferred")
+    p.add_argument("file", help="a SHiRA .safetensors file, a PEFT SHiRA folder, or a LoRA-family file (kohya/LyCORIS: "
+                   "its kinds and training metadata, with a suggested trigger prompt)")
+    p.add_argument("--model", default=None, help="pipeline to read the file against: needed for diffusers-format LoRA files and "
+                   "PEFT folders whose shapes cannot be inferred; checks a kohya file's names and shapes")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("convert", help="convert between SHiRA, PEFT SHiRA and LoRA", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="peft2shira: PEFT SHiRA folder -> SHiRA file\n"
                                    "shira2peft: SHiRA file -> PEFT SHiRA folder (one component)\n"
-                                   "lora2shira: LoRA file -> SHiRA file keeping each weight's top-k delta entries")
+                                   "lora2shira: LoRA-family file (LoRA, LoCon, LoHa, LoKr, DoRA, full diff) -> SHiRA file\n"
+                                   "            keeping each weight's top-k delta entries")
     p.add_argument("kind", choices=["peft2shira", "shira2peft", "lora2shira"])
     p.add_argument("input")
     p.add_argument("output")

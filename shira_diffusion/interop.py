@@ -1,12 +1,13 @@
-"""Adapters made elsewhere: PEFT SHiRA folders in and out, LoRA files in, LoRA -> SHiRA.
+"""Adapters made elsewhere: PEFT SHiRA folders in and out, LoRA-family files in, LoRA -> SHiRA.
 
 * PEFT SHiRA: ``adapter_config.json`` (``peft_type: SHIRA``) + ``adapter_model.safetensors`` with
   ``base_model.model.<module>.shira_weight`` (values) and ``.shira_indices`` (``(2, n)`` row/col,
   int or float32). PEFT gives every layer exactly ``r * (rows + cols)`` entries, so an export pads
   layers with fewer entries with zero-valued ones (they change nothing).
-* LoRA: diffusers ``save_lora_weights`` files and kohya/A1111 files (``lora_unet_*``,
-  ``lora_te1_*``, ``lora_te2_*`` with ``alpha``) are parsed by diffusers itself (so scales and
-  names match ``load_lora_weights`` exactly) and read back as :class:`LoraAdapter`.
+* LoRA family: kohya / LyCORIS files (``lora_unet_*``, ``lora_te1_*``, ``lora_te2_*``: LoRA,
+  LoCon, LoHa, LoKr, DoRA, full diffs) by :mod:`~shira_diffusion.kohya`; diffusers
+  ``save_lora_weights`` and PEFT-named files through diffusers itself (so names and scales match
+  ``load_lora_weights``). Both read back as :class:`LoraAdapter`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapter import COMPONENTS, AdapterError, SparseAdapter, SparseDelta, check_file_size, portable_model_id, split_key
-from .lora import LoraAdapter, LoraDelta
+from .adapter import BIAS, COMPONENTS, AdapterError, SparseAdapter, SparseDelta, check_file_size, param_of, portable_model_id, split_key
+from .kohya import is_kohya, read_kohya_file
+from .lora import DenseDelta, FullDelta, LoraAdapter, LoraDelta
 from .masks import budget
 from .targets import installed_path, module_paths, pipeline_components
 
@@ -163,15 +165,20 @@ def _pad(d: SparseDelta, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def read_lora(path: str | os.PathLike, pipe: Any, name: str = "_shira_import") -> LoraAdapter:
-    """Any SDXL LoRA file diffusers' ``load_lora_weights`` accepts, as a :class:`LoraAdapter`.
+    """Any SDXL / SD 1.x LoRA-family file as a :class:`LoraAdapter`.
 
-    diffusers parses it into temporary PEFT layers on ``pipe`` (which converts kohya/A1111 names
-    and alphas exactly as ``load_lora_weights`` does); the factors and scales are copied out and the
-    temporary layers removed again. The pipeline's weights are never written.
+    kohya / LyCORIS files (``lora_unet_*``, ``lora_te1_*`` ...: LoRA, LoCon, LoHa, LoKr, DoRA, full
+    diffs) are read by :mod:`~shira_diffusion.kohya` from the file alone. Others (diffusers'
+    ``save_lora_weights``, PEFT names) are parsed by diffusers into temporary PEFT layers on
+    ``pipe`` (so names and scales match ``load_lora_weights``); the factors, scales, DoRA
+    magnitudes and bias deltas are copied out and the layers removed again. The pipeline's weights
+    are never written.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise AdapterError(f"{path}: LoRA files must be .safetensors (pickled files are not read)")
+    if is_kohya_file(path):
+        return read_kohya_file(path, pipeline_components(pipe))
     try:
         with _quiet_weight_loading():
             pipe.load_lora_weights(str(path), adapter_name=name)
@@ -179,26 +186,45 @@ def read_lora(path: str | os.PathLike, pipe: Any, name: str = "_shira_import") -
         _remove_lora_layers(pipe, name)
         raise AdapterError(f"{path}: not a LoRA file diffusers can load for this pipeline ({type(err).__name__}: {err})") from None
     try:
-        from peft.tuners.lora import LoraLayer
-
-        deltas = {}
-        for component, module in pipeline_components(pipe).items():
-            for mod_name, sub in module.named_modules():
-                if isinstance(sub, LoraLayer) and name in sub.lora_A:
-                    if getattr(sub, "lora_magnitude_vector", None) and name in sub.lora_magnitude_vector:
-                        raise AdapterError(f"{component}.{mod_name}: DoRA layers are not supported")
-                    base = sub.get_base_layer()
-                    deltas[f"{component}.{mod_name}"] = LoraDelta(
-                        sub.lora_A[name].weight.detach().clone(),
-                        sub.lora_B[name].weight.detach().clone(),
-                        float(sub.scaling[name]),
-                        tuple(base.weight.shape),
-                    )
+        deltas = _peft_deltas(pipe, name)
     finally:
         _remove_lora_layers(pipe, name)
     if not deltas:
         raise AdapterError(f"{path}: no LoRA layers matched this pipeline")
     return LoraAdapter(deltas, {"source": str(path), "format": "lora"})
+
+
+def _peft_deltas(pipe: Any, name: str) -> dict[str, DenseDelta]:
+    """The deltas of PEFT LoRA layers named ``name`` on ``pipe``: factors and scaling, a DoRA
+    magnitude as the ``(out, 1, ...)`` one it is (PEFT normalises the merged weight's rows), and
+    ``lora_bias`` as a bias delta of ``scaling * lora_B.bias``."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, DenseDelta] = {}
+    for component, module in pipeline_components(pipe).items():
+        for mod_name, sub in module.named_modules():
+            if not (isinstance(sub, LoraLayer) and name in sub.lora_A):
+                continue
+            base = sub.get_base_layer()
+            shape, scaling, key = tuple(base.weight.shape), float(sub.scaling[name]), f"{component}.{mod_name}"
+            magnitudes = getattr(sub, "lora_magnitude_vector", None) or {}
+            dora = magnitudes[name].weight.detach().clone().reshape(shape[0], *[1] * (len(shape) - 1)) if name in magnitudes else None
+            up = sub.lora_B[name]
+            deltas[key] = LoraDelta(sub.lora_A[name].weight.detach().clone(), up.weight.detach().clone(), scaling, shape, dora_scale=dora)
+            if getattr(up, "bias", None) is not None:
+                deltas[key + BIAS] = FullDelta(up.bias.detach().float() * scaling, tuple(up.bias.shape))
+    return deltas
+
+
+def is_kohya_file(path: str | os.PathLike) -> bool:
+    """Whether a safetensors file's tensor names are kohya / LyCORIS style (read without the model's lock)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return is_kohya(f.keys())
+    except Exception:  # the parser's own error types vary; the reader that follows says what is wrong
+        return False
 
 
 @contextlib.contextmanager
@@ -233,14 +259,21 @@ def _remove_lora_layers(pipe: Any, name: str) -> None:
         pipe.unload_lora_weights()
 
 
-def lora_to_shira(lora: LoraAdapter, density: float | None = None, rank: int | None = None) -> tuple[SparseAdapter, dict[str, float]]:
-    """Keep the top-k entries (by magnitude) of each dense LoRA delta.
+def lora_to_shira(lora: LoraAdapter, density: float | None = None, rank: int | None = None,
+                  weights: Mapping[str, torch.Tensor] | None = None) -> tuple[SparseAdapter, dict[str, float]]:
+    """Keep the top-k entries (by magnitude) of each weight's dense delta, any kind (convolutions
+    over the flattened weight). ``weights`` (``{key: base weight}``) is needed for DoRA deltas,
+    which depend on the weight. Bias deltas are left out: SHiRA adapts weights.
 
     Returns the SHiRA adapter and the retained energy ``||kept|| / ||delta||`` per component.
     """
     deltas, kept_sq, total_sq = {}, {}, {}
     for key, d in lora.deltas.items():
-        dense = d.dense(torch.float32, "cpu")
+        if param_of(key)[1] != "weight":
+            continue
+        if d.needs_base and (weights is None or key not in weights):
+            raise AdapterError(f"{key}: a {d.label} delta depends on the base weight; pass the model's weights")
+        dense = d.dense(torch.float32, "cpu", weights[key] if d.needs_base else None)
         k = budget(d.shape, density=density, rank=rank)
         idx = torch.topk(dense.abs(), k, sorted=False).indices.sort().values
         values = dense[idx]
@@ -248,8 +281,10 @@ def lora_to_shira(lora: LoraAdapter, density: float | None = None, rank: int | N
         component = split_key(key)[0]
         kept_sq[component] = kept_sq.get(component, 0.0) + float(values.double().pow(2).sum())
         total_sq[component] = total_sq.get(component, 0.0) + float(dense.double().pow(2).sum())
+    if not deltas:
+        raise AdapterError("the adapter has no weight deltas to convert (only bias deltas)")
     energy = {c: math.sqrt(kept_sq[c] / total_sq[c]) if total_sq[c] else 1.0 for c in kept_sq}
-    meta: Mapping[str, Any] = {**lora.metadata, "mask": "lora-topk", "converted_from": "lora"}
+    meta: Mapping[str, Any] = {**lora.metadata, "mask": "lora-topk", "converted_from": ",".join(lora.kinds)}
     return SparseAdapter(deltas, {k: v for k, v in meta.items() if k != "format"}), energy
 
 

@@ -12,19 +12,19 @@ from __future__ import annotations
 import torch
 
 from .adapter import AdapterError, SparseAdapter, SparseDelta, split_key
-from .lora import LoraAdapter, LoraDelta
+from .lora import DenseDelta, LoraAdapter
 
-Delta = SparseDelta | LoraDelta
+Delta = SparseDelta | DenseDelta
 
 
 def _shared_count(a: Delta, b: Delta) -> int:
-    if isinstance(a, LoraDelta) or isinstance(b, LoraDelta):
+    if isinstance(a, DenseDelta) or isinstance(b, DenseDelta):
         return min(a.nnz, b.nnz)
     return int(torch.isin(a.indices.long(), b.indices.long()).sum())
 
 
 def _matrix(delta: Delta) -> torch.Tensor:
-    dense = delta.dense(torch.float32) if isinstance(delta, LoraDelta) else delta.to_dense(torch.float32)
+    dense = delta.dense(torch.float32) if isinstance(delta, DenseDelta) else delta.to_dense(torch.float32)
     return dense.reshape(delta.shape[0], -1)
 
 

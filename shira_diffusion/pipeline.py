@@ -72,15 +72,16 @@ class ShiraPipelineSwitcher:
         ``LoraAdapter``. A mismatch (fingerprint, shapes, unknown modules) raises ``AdapterError``
         and leaves the pipeline and the library as they were. SHiRA files and PEFT folders are
         read, decoded and validated without the generation lock, so a running generation goes
-        on; LoRA files are parsed by diffusers on the pipeline itself, which takes the lock.
+        on, as are kohya / LyCORIS files; other LoRA files are parsed by diffusers on the pipeline
+        itself, which takes the lock.
         """
         from .adapter import AdapterError, fingerprint
-        from .interop import file_kind, load_any
+        from .interop import file_kind, is_kohya_file, load_any
 
         source = None
         if not hasattr(adapter, "deltas"):
             source = Path(adapter)
-            if file_kind(source) in ("shira", "peft", "unreadable"):
+            if file_kind(source) in ("shira", "peft", "unreadable") or is_kohya_file(source):
                 adapter = load_any(source, self.pipe, max_bytes=max_bytes)
             else:
                 with self.engine.lock:
@@ -109,8 +110,11 @@ class ShiraPipelineSwitcher:
             info.update(mask=adapter.metadata.get("mask"), density=adapter.density,
                         dtype=dtype_name(adapter.dtype), base_model=adapter.metadata.get("base_model"))
         else:
-            info.update(mask="lora", density=None, dtype=dtype_name(next(iter(adapter.deltas.values())).up.dtype),
-                        base_model=None, rank=max(d.rank for d in adapter.deltas.values()))
+            kinds = adapter.kinds
+            training = adapter.metadata.get("training") or {}
+            info.update(kind="+".join(kinds), mask=None, density=None, dtype=dtype_name(adapter.dtype),
+                        base_model=training.get("base_model"), rank=max(adapter.ranks, default=None),
+                        kinds=kinds, training=training, trigger=training.get("trigger"))
         return info
 
     def get_adapter(self, name: str):

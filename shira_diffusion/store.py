@@ -2,7 +2,7 @@
 
 The store knows nothing of modules or weights. It keeps, per adapter and per target weight, an
 :class:`Entry` that can give its delta on any device: SHiRA entries as int32 indices (every SDXL
-weight has fewer than 2**31 entries) plus values in the file's dtype, LoRA entries as their two
+weight has fewer than 2**31 entries) plus values in the file's dtype, LoRA-family entries as their
 factors. Host tensors are pinned when CUDA is available, so uploading them to a GPU is a
 ``non_blocking`` copy. It has its own small lock, so loading an adapter never waits for a
 generation that holds the weights' lock.
@@ -19,7 +19,7 @@ import torch
 
 from .adapter import AdapterError, SparseAdapter, SparseDelta
 from .index_codec import index_dtype
-from .lora import LoraAdapter, LoraDelta
+from .lora import DenseDelta, LoraAdapter
 
 
 def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
@@ -48,23 +48,21 @@ class SparseEntry:
 
 @dataclass(frozen=True, eq=False)
 class DenseEntry:
-    """LoRA: ``weight += scale * up @ down`` over the whole (flattened) weight."""
+    """The LoRA family: ``weight += scale * delta`` over the whole (flattened) weight, kept as the
+    delta's factors on the host and expanded on the weight's device when written."""
 
-    down: torch.Tensor  # (rank, in), host
-    up: torch.Tensor  # (out, rank), host
-    lora_scale: float
+    delta: DenseDelta  # host tensors
     shape: tuple[int, ...]
 
     dense = True
 
     @property
     def nbytes(self) -> int:
-        return nbytes(self.down, self.up)
+        return self.delta.nbytes
 
-    def scaled(self, device: torch.device, acc: torch.dtype, scale: float) -> torch.Tensor:
-        up = self.up.to(device, non_blocking=True).to(acc)
-        down = self.down.to(device, non_blocking=True).to(acc)
-        dense = (up @ down).mul_(self.lora_scale).view(-1)  # the LoRA's own delta, then the set's scale on it
+    def scaled(self, device: torch.device, acc: torch.dtype, scale: float, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale`` times the delta in ``acc`` on ``device``; ``base`` (the weight's original values) for DoRA."""
+        dense = self.delta.dense(acc, device, base)  # the delta's own scale, then the set's scale on it
         return dense if scale == 1.0 else dense.mul_(scale)
 
 
@@ -75,8 +73,8 @@ def entries_of(adapter: SparseAdapter | LoraAdapter, pin: bool = False) -> dict[
     """The compact host form of a validated adapter."""
     out: dict[str, Entry] = {}
     for key, delta in adapter.deltas.items():
-        if isinstance(delta, LoraDelta):
-            out[key] = DenseEntry(_host(delta.down, pin), _host(delta.up, pin), float(delta.scale), delta.shape)
+        if isinstance(delta, DenseDelta):
+            out[key] = DenseEntry(delta.map_tensors(lambda t: _host(t, pin)), delta.shape)
         else:
             out[key] = SparseEntry(_host(delta.indices.to(index_dtype(math.prod(delta.shape))), pin), _host(delta.values, pin), delta.shape)
     return out
@@ -99,7 +97,7 @@ class Stored:
     def adapter(self) -> SparseAdapter | LoraAdapter:
         """The adapter rebuilt from the entries, for analysis (weight-space metrics, export)."""
         if any(e.dense for e in self.entries.values()):
-            return LoraAdapter({k: LoraDelta(e.down, e.up, e.lora_scale, e.shape) for k, e in self.entries.items()}, self.metadata)
+            return LoraAdapter({k: e.delta for k, e in self.entries.items()}, self.metadata)
         return SparseAdapter._trusted({k: SparseDelta(e.indices, e.values, e.shape) for k, e in self.entries.items()},
                                       self.metadata)
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .adapter import COMPONENTS, TEXT_ENCODERS, AdapterError, canonical_key, fingerprint, split_key  # noqa: F401  (re-exported)
+from .adapter import COMPONENTS, TEXT_ENCODERS, AdapterError, canonical_key, fingerprint, param_of, split_key  # noqa: F401  (re-exported)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -154,9 +154,11 @@ def resolve_module(components: Mapping[str, nn.Module], key: str) -> tuple[nn.Mo
 
 
 def resolve_weight(components: Mapping[str, nn.Module], key: str) -> nn.Parameter:
-    """The weight a key names (``"unet.<module path>"``), or :class:`AdapterError` saying why not."""
-    module, _ = resolve_module(components, key)
-    weight = getattr(module, "weight", None)
+    """The weight a key names (``"unet.<module path>"``; ``"...:bias"`` its bias), or
+    :class:`AdapterError` saying why not."""
+    module_key, name = param_of(key)
+    module, _ = resolve_module(components, module_key)
+    weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
-        raise AdapterError(f"{key}: module {type(module).__name__} has no weight tensor")
+        raise AdapterError(f"{key}: module {type(module).__name__} has no {name} tensor")
     return weight

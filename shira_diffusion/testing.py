@@ -214,9 +214,7 @@ def _seeded(seed: int):
         yield
 
 
-# diffusers -> original (ldm) names inside a block, and the block prefixes of each model
-_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."),
-           ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
+# diffusers -> original (ldm) names inside a VAE block (the UNet's are the kohya reader's)
 _VAE_RESNET = [("conv_shortcut.", "nin_shortcut.")]
 _VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
 
@@ -235,24 +233,10 @@ def _renamed(state: dict, prefixes: dict[str, str], inner, top: str) -> dict:
 
 
 def _unet_to_ldm(unet) -> dict:
-    cfg = unet.config
-    n, lpb = len(cfg.block_out_channels), cfg.layers_per_block
-    prefix = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-              "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.0.": "middle_block.0.",
-              "mid_block.resnets.1.": "middle_block.2."}
-    for i in range(n):
-        for j in range(lpb):
-            prefix[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{(lpb + 1) * i + j + 1}.0."
-            prefix[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{(lpb + 1) * i + j + 1}.1."
-        for j in range(lpb + 1):
-            prefix[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{(lpb + 1) * i + j}.0."
-            prefix[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{(lpb + 1) * i + j}.1."
-        if i < n - 1:
-            prefix[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(lpb + 1) * (i + 1)}.0.op."
-            after = 2 if "CrossAttn" in cfg.up_block_types[i] else 1
-            prefix[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{(lpb + 1) * i + lpb}.{after}."
-    return _renamed(unet.state_dict(), prefix, lambda hit: _RESNET if "resnets" in hit else [], "model.diffusion_model.")
+    from .kohya import ldm_name, ldm_unet_prefixes
+
+    prefixes = ldm_unet_prefixes(unet.config)
+    return {"model.diffusion_model." + ldm_name(k, prefixes): v for k, v in unet.state_dict().items()}
 
 
 def _vae_to_ldm(vae) -> dict:

@@ -27,7 +27,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from .adapter import AdapterError, split_key
+from .adapter import AdapterError, param_of, split_key
 from .store import Entry, nbytes
 from .targets import pipeline_components, resolve_module
 
@@ -120,11 +120,13 @@ class WeightWriter:
 
     # ---- the weights ------------------------------------------------------------------------------
     def module(self, key: str) -> nn.Module:
+        """The module whose weight (or, for a ``":bias"`` key, bias) ``key`` names."""
         if key not in self._modules:
-            module, path = resolve_module(self.components, key)  # either text-encoder layout
+            module_key, param = param_of(key)
+            module, path = resolve_module(self.components, module_key)  # either text-encoder layout
             module = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # not a PEFT wrapper of it
-            if not isinstance(getattr(module, "weight", None), torch.Tensor):
-                raise AdapterError(f"{key}: module {type(module).__name__} has no weight tensor")
+            if not isinstance(getattr(module, param, None), torch.Tensor):
+                raise AdapterError(f"{key}: module {type(module).__name__} has no {param} tensor")
             component = split_key(key)[0]
             parent = self.components[component].get_submodule(path.rpartition(".")[0]) if "." in path else None
             self._modules[key] = module
@@ -132,13 +134,13 @@ class WeightWriter:
         return self._modules[key]
 
     def weight(self, key: str) -> torch.Tensor:
-        """The module's weight parameter (on ``meta`` under sequential offload): for shapes."""
-        return self.module(key).weight
+        """The weight (or bias) parameter a key names (on ``meta`` under sequential offload): for shapes."""
+        return getattr(self.module(key), param_of(key)[1])
 
     def live(self, key: str) -> torch.Tensor:
         """The tensor that holds the weight for real, flattened: the parameter itself, or the CPU
         copy in an accelerate offload hook's weight map."""
-        module = self.module(key)
+        module, param = self.module(key), param_of(key)[1]
         if getattr(self._parents[key], "fused_projections", False):  # checked on every write: it may happen after loading
             raise AdapterError(f"{key}: its attention was fused by fuse_qkv_projections(), which computes from a copy; "
                                "call unfuse_qkv_projections() before using adapters")
@@ -147,16 +149,16 @@ class WeightWriter:
             weights_map = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
             if weights_map is None:
                 continue
-            dataset, name = getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + "weight"
+            dataset, name = getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + param
             if hasattr(dataset, "index") and name not in getattr(dataset, "state_dict", {}):
                 raise AdapterError(f"{key}: the weight is offloaded to disk (a memory map the engine cannot write for good); "
                                    "offload to the CPU instead (enable_sequential_cpu_offload / enable_model_cpu_offload)")
             try:
-                tensor = weights_map["weight"]
+                tensor = weights_map[param]
             except KeyError:
                 continue
             return self._checked(key, tensor)
-        return self._checked(key, module.weight)
+        return self._checked(key, getattr(module, param))
 
     @staticmethod
     def _checked(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -236,13 +238,14 @@ class WeightWriter:
             if backup is None or backup.numel() != flat.numel() or backup.dtype != flat.dtype:
                 backup = self._host_copy(flat)
             undo.records.append((next(m.name for m in members if m.entry.dense), None, backup))
+            base = flat.to(acc)  # the originals: DoRA members normalise base + their delta
             total = torch.zeros(flat.numel(), dtype=acc, device=device)
             for m in members:
                 if m.entry.dense:
-                    total += m.entry.scaled(device, acc, m.scale)
+                    total += m.entry.scaled(device, acc, m.scale, base)
                 else:
                     total.index_add_(0, self._ws.long("0", m.entry.indices, device), self._delta(m, m.entry.indices.numel(), acc, device))
-            put(flat, None, (flat.to(acc) + total).to(flat.dtype))
+            put(flat, None, (base + total).to(flat.dtype))
             return
         ws = self._ws
         kept = [self._kept_indices(m.entry, device) for m in members]  # one upload each; widened on the device

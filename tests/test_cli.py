@@ -122,10 +122,9 @@ COMMANDS = {
 WORKS = {  # (kind, command) pairs that succeed; every other pair is one line on stderr and status 2
     ("shira", "inspect"), ("shira", "inspect --model"), ("shira", "shira2peft"), ("shira", "diff"), ("shira", "merge"),
     ("peft", "inspect --model"), ("peft", "merge"),
-    ("lora", "inspect --model"), ("lora", "lora2shira"), ("lora", "merge"),
+    ("lora", "inspect"), ("lora", "inspect --model"), ("lora", "lora2shira"), ("lora", "merge"),
 }
 HINTS = {  # what the error says for a right file in the wrong command
-    ("lora", "inspect"): "LoRA files need the model (--model)",
     ("peft", "inspect"): "cannot tell the weight's shape from the file; pass the model (--model",  # a random mask
     ("peft", "peft2shira"): "cannot tell the weight's shape from the file; pass the model (--model",
     ("lora", "diff"): "`shira convert lora2shira` turns a LoRA into one",
@@ -156,9 +155,10 @@ def test_every_command_with_every_kind_of_input(inputs, tmp_path, capsys, kind, 
 def test_inspect_a_lora_file_with_its_model(inputs, capsys):
     assert main(["inspect", str(inputs["lora"]), "--model", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert "format:      LoRA safetensors, read for tiny" in out
-    assert "params:      2,048 in 6 weights (rank 4; changes 12,288 entries)" in out
-    assert "  unet               2 weights          1,024 params" in out
+    assert "format:      kohya/LyCORIS safetensors, read for tiny" in out
+    assert "kinds:       lora 6 (weights)" in out
+    assert "params:      2,048 in 6 deltas (rank 4); changes 12,288 entries" in out
+    assert "  unet               2 deltas           1,024 params" in out
 
 
 def test_shira2peft_writes_every_component_and_peft2shira_reads_them_back(inputs, tmp_path, capsys):
