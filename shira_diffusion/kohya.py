@@ -288,16 +288,20 @@ def _trigger_from(tags: Counter, folders: Any) -> str | None:
     return None
 
 
-def describe(tensors_meta: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
-    """``{kind: modules}`` of a kohya file from its tensor names alone (no model needed)."""
-    kinds: dict[str, set] = {}
-    for name in tensors_meta:
+def describe(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """``{kind: modules}`` of a kohya file from its tensor names and shapes alone (no model needed):
+    ``lora``, ``locon`` (a LoRA on a convolution), ``loha``, ``lokr``, ``full``, and ``dora`` for
+    modules with a DoRA magnitude."""
+    modules: dict[str, set] = {}
+    for name in shapes:
         module, _, part = name.partition(".")
         kind = _PART_KIND.get(part)
-        if kind == "lora" and part == "lora_down.weight" and len(tensors_meta[name]) == 4:
-            kind = "locon"
         if kind is not None:
-            kinds.setdefault(kind, set()).add(module)
-        if part == "dora_scale":
-            kinds.setdefault("dora", set()).add(module)
-    return {k: len(v) for k, v in sorted(kinds.items())}
+            modules.setdefault(module, set()).add(kind)
+    counts: Counter = Counter()
+    for module, kinds in modules.items():
+        for kind in kinds:
+            counts["locon" if kind == "lora" and len(shapes.get(f"{module}.lora_down.weight", ())) == 4 else kind] += 1
+        if f"{module}.dora_scale" in shapes:
+            counts["dora"] += 1
+    return dict(sorted(counts.items()))

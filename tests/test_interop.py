@@ -191,3 +191,23 @@ def test_lora_to_shira_keeps_exactly_the_top_k(tmp_path):
     kept = dense[d.indices.long()].norm() / dense.norm()
     assert energy["unet"] == pytest.approx(float(kept), rel=1e-6)
     assert 0.1 < energy["unet"] < 1.0
+
+
+def test_diffusers_dora_file_applies_like_fuse_lora(tmp_path):
+    """A PEFT DoRA LoRA saved by diffusers: read with its magnitude vectors, applied as DoRA (as
+    diffusers' own fuse_lora applies it), never as plain LoRA."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    pipe = tiny_sdxl_pipeline(seed=0)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", use_dora=True, target_modules=UNET_TARGETS))
+    for n, p in pipe.unet.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+        if "lora_magnitude_vector" in n:
+            p.data.mul_(torch.rand_like(p) + 0.5)
+    StableDiffusionXLPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
+    lora = assert_engine_matches(tmp_path / "pytorch_lora_weights.safetensors", tol=1e-5)
+    assert lora.kinds == {"dora": 96}

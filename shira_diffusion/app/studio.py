@@ -68,6 +68,18 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), "|" + "---|" * len(headers), *map(line, rows)])
 
 
+def training_summary(training: dict) -> str:
+    """A file's training metadata in one cell: network, dim/alpha, base, resolution, trigger."""
+    parts = []
+    if training.get("network"):
+        dim = f" dim {training['dim']}" + (f"/alpha {training['alpha']}" if training.get("alpha") else "") if training.get("dim") else ""
+        parts.append(training["network"] + dim)
+    parts += [training[k] for k in ("base_model", "resolution") if training.get(k)]
+    if training.get("trigger"):
+        parts.append(f"trigger: {training['trigger']}")
+    return "; ".join(parts) or "-"
+
+
 class Studio:
     """What the page does, without the page: testable directly."""
 
@@ -121,11 +133,11 @@ class Studio:
     def library_rows(self) -> list[list]:
         rows = []
         for name, info in self.switcher.list_adapters().items():
-            density = f"{info['density']:.3%}" if info.get("density") is not None else f"rank {info.get('rank')}"
+            density = f"{info['density']:.3%}" if info.get("density") is not None else f"rank {info['rank']}" if info.get("rank") else "dense"
             size = f"{info['bytes'] / 2**20:.2f} MB" if info.get("bytes") else "-"
             held = f"{info['host_bytes'] / 2**20:.2f} MB" + (f" + {info['device_bytes'] / 2**20:.2f} MB GPU" if info["device_bytes"] else "")
             rows.append([name, info["kind"], info.get("mask") or "-", density, f"{info['params']:,}", size, info["dtype"],
-                         "yes", "yes" if info["active"] else "", held])
+                         "yes", "yes" if info["active"] else "", held, training_summary(info.get("training") or {})])
         return rows
 
     def generate(self, prompt: str, negative: str, seed: int, steps: int, guidance: float, adapters: dict[str, float] | None,
@@ -284,7 +296,7 @@ def build_ui(studio: Studio):
                     c_file = gr.File(label="Download grid (PNG)")
         with gr.Tab("Library"):
             table = gr.Dataframe(
-                headers=["name", "kind", "mask", "density", "params", "size", "dtype", "fits model", "active", "memory held"],
+                headers=["name", "kind", "mask", "density", "params", "size", "dtype", "fits model", "active", "memory held", "trained as"],
                 value=studio.library_rows(), interactive=False,
             )
             upload_box = gr.File(label=f"Add an adapter (.safetensors, at most {studio.max_bytes // 2**20} MB)",
