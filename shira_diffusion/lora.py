@@ -134,17 +134,20 @@ class DenseDelta:
         if base is None:
             raise AdapterError(f"a {self.label} delta depends on the weight it is added to; pass base=")
         base = base.to(device=delta.device, dtype=dtype).reshape(self.shape)
-        merged = delta.view(self.shape).add_(base)
+        merged = delta.view(self.shape).add_(base)  # delta is ours (fresh): normalise it in place
         if self._dora_on_out():
             norm = merged.reshape(self.shape[0], -1).norm(dim=1).view(self.dora_scale.shape)
         else:
             norm = merged.transpose(0, 1).reshape(self.shape[1], -1).norm(dim=1).view(self.dora_scale.shape)
         norm = norm + torch.finfo(dtype).eps  # as LyCORIS: no division by zero for an all-zero row
-        return merged.mul_(self.dora_scale.to(device=delta.device, dtype=dtype) / norm).sub_(base).view(-1)
+        return merged.mul_(_mat(self.dora_scale, dtype, delta.device) / norm).sub_(base).view(-1)
 
 
 def _mat(t: torch.Tensor, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype)
+    """``t`` on ``device`` in ``dtype``: moved first (from pinned host memory, without waiting), then cast there."""
+    if device is not None:
+        t = t.to(device, non_blocking=True)
+    return t.to(dtype)
 
 
 @dataclass
@@ -336,7 +339,7 @@ class FullDelta(DenseDelta):
         return _rows_cols(self.shape)
 
     def _product(self, dtype: torch.dtype, device: Any) -> torch.Tensor:
-        diff = self.diff.to(device=device, dtype=dtype)
+        diff = _mat(self.diff, dtype, device)
         return (diff.clone() if diff is self.diff else diff).reshape(_rows_cols(self.shape))
 
 

@@ -331,3 +331,26 @@ def test_the_studio_library_shows_training_metadata(file):
     [row] = studio.library_rows()
     assert row[1] == "doha+dora+full+loha+lokr+lora" and row[3] == "rank 4"
     assert row[10] == "LoHa + DoRA dim 8/alpha 4; sdxl_base_v1-0; 1024x1024; trigger: bluefire style, flames"
+
+
+def test_sd15_files_use_lora_te_and_diffusers_unet_names():
+    """kohya trains SD 1.x on the diffusers UNet, and names its one text encoder ``lora_te_``."""
+    from shira_diffusion.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0)
+    components = pipeline_components(pipe)
+    tensors = {
+        "lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_down.weight": _r(2, 32, seed=1),
+        "lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_up.weight": _r(32, 2, seed=2),
+        "lora_unet_mid_block_attentions_0_proj_out.hada_w1_a": _r(64, 2, seed=3),
+        "lora_unet_mid_block_attentions_0_proj_out.hada_w1_b": _r(2, 64, seed=4),
+        "lora_unet_mid_block_attentions_0_proj_out.hada_w2_a": _r(64, 2, seed=5),
+        "lora_unet_mid_block_attentions_0_proj_out.hada_w2_b": _r(2, 64, seed=6),
+    }
+    adapter = read_kohya(tensors, components)
+    assert sorted(adapter.deltas) == ["text_encoder.text_model.encoder.layers.0.self_attn.v_proj", "unet.mid_block.attentions.0.proj_out"]
+    w = resolve_weight(components, "unet.mid_block.attentions.0.proj_out").detach()
+    want = loha.diff_weight(tensors["lora_unet_mid_block_attentions_0_proj_out.hada_w1_b"], tensors["lora_unet_mid_block_attentions_0_proj_out.hada_w1_a"],
+                            tensors["lora_unet_mid_block_attentions_0_proj_out.hada_w2_b"], tensors["lora_unet_mid_block_attentions_0_proj_out.hada_w2_a"],
+                            None, None, gamma=1.0, backend="torch")
+    torch.testing.assert_close(adapter.deltas["unet.mid_block.attentions.0.proj_out"].dense().view(w.shape), want.reshape(w.shape))
