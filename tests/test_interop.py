@@ -211,3 +211,21 @@ def test_diffusers_dora_file_applies_like_fuse_lora(tmp_path):
     StableDiffusionXLPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
     lora = assert_engine_matches(tmp_path / "pytorch_lora_weights.safetensors", tol=1e-5)
     assert lora.kinds == {"dora": 96}
+
+
+def test_lora_with_bias_deltas_applies_like_fuse_lora(tmp_path):
+    """PEFT's ``lora_bias``: the up projection's bias is a delta of the module's bias."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    pipe = tiny_sdxl_pipeline(seed=0)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, lora_bias=True, target_modules=["to_out.0", "proj_in"]))
+    for n, p in pipe.unet.named_parameters():
+        if "lora_B" in n:  # weight and bias
+            p.data.normal_(0, 0.1)
+    StableDiffusionXLPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
+    lora = assert_engine_matches(tmp_path / "pytorch_lora_weights.safetensors")
+    biases = [k for k in lora.deltas if k.endswith(":bias")]
+    assert len(biases) == len(lora.deltas) // 2 and lora.kinds == {"full": len(biases), "lora": len(biases)}
