@@ -84,3 +84,10 @@ def test_training_flops_smoke(tmp_path):
     for row in (data["no_checkpointing"], data["checkpointing"]):
         assert row["struct"]["layers_on_slices"] == 96 and row["rand"]["layers_on_slices"] == 0
         assert row["rand"]["trainable"] == row["peft_lora"]["trainable"] and row["struct"]["flops"] < row["rand"]["flops"]
+
+
+def test_interference(tmp_path):
+    run("interference.py", "--reduced", "--samples", "5", "--out", str(tmp_path / "i.json"))
+    data = json.loads((tmp_path / "i.json").read_text())
+    assert data["weights"] == 96 and data["samples"] == 5 and data["max_awor_abs_error"] < 1e-5
+    assert data["max_awom_rel_error"] < 1e-4

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -57,3 +59,29 @@ def test_aggregate_pools_overlap_and_averages_awom_awor():
 def test_shape_mismatch_is_an_adapter_error():
     with pytest.raises(AdapterError, match="cannot compare"):
         weight_interference(delta({(0, 0): 1.0}), delta({(0, 0): 1.0}, shape=(5, 4)))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "lora-sparse", "lora-lora", "conv"])
+def test_lanczos_awom_and_sparse_awor_agree_with_the_dense_svd(kind):
+    """Above 64 columns AWOM is a Lanczos estimate on the factors and AWOR comes from a sparse
+    product: both against the dense computation they replace."""
+    from shira_diffusion import LoraDelta
+
+    g = torch.Generator().manual_seed(1)
+    shape = (8, 12, 3, 3) if kind == "conv" else (150, 200)
+    numel, rows = math.prod(shape), shape[0]
+
+    def sparse(n):
+        idx = torch.randperm(numel, generator=g)[:n].sort().values
+        return SparseDelta(idx, torch.randn(n, generator=g), shape)
+
+    def lora():
+        return LoraDelta(torch.randn(4, numel // rows, generator=g), torch.randn(rows, 4, generator=g), 0.5, shape)
+
+    a, b = {"sparse": (sparse(900), sparse(900)), "conv": (sparse(120), sparse(120)),
+            "lora-sparse": (lora(), sparse(900)), "lora-lora": (lora(), lora())}[kind]
+    dense = lambda d: (d.dense() if isinstance(d, LoraDelta) else d.to_dense(torch.float32)).reshape(rows, -1).double()  # noqa: E731
+    product = dense(a).T @ dense(b)
+    m = weight_interference(a, b)
+    assert m["awom"] == pytest.approx(float(torch.linalg.svdvals(product)[0]), rel=1e-5)
+    assert m["awor"] == 1.0 - int(torch.count_nonzero(product.float())) / product.numel()
