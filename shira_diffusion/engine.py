@@ -28,12 +28,13 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapter import AdapterError, SparseAdapter
+from .adapter import COMPONENTS, AdapterError, SparseAdapter, split_key
 from .lora import LoraAdapter
 from .store import AdapterStore, Stored
 from .writer import Member, Plan, WeightWriter
 
-Scales = Mapping[str, float]
+Scale = float | dict[str, float]  # one strength, or one per component ("unet", "text_encoder", ...)
+Scales = Mapping[str, float | Mapping[str, float]]
 
 
 class ShiraEngine:
@@ -52,7 +53,7 @@ class ShiraEngine:
         self.writer = WeightWriter(components, max_backup_bytes)
         self.lock = threading.RLock()
         self.last_switch_s = 0.0
-        self._active: dict[str, float] = {}
+        self._active: dict[str, Scale] = {}
 
     @property
     def components(self) -> dict[str, torch.nn.Module]:
@@ -60,8 +61,9 @@ class ShiraEngine:
 
     # ---- inspection -----------------------------------------------------------------------------
     @property
-    def active(self) -> dict[str, float]:
-        """The set currently written into the weights, ``{name: scale}`` (empty: base model)."""
+    def active(self) -> dict[str, Scale]:
+        """The set currently written into the weights, ``{name: scale}`` (a scale may be
+        ``{component: scale}``; empty: base model)."""
         with self.lock:
             return dict(self._active)
 
@@ -108,7 +110,8 @@ class ShiraEngine:
 
     # ---- switching ------------------------------------------------------------------------------
     def apply(self, scales: Scales | str | None) -> None:
-        """Make ``scales`` the active set (``None`` or ``{}``: the base model, bit-exact)."""
+        """Make ``scales`` the active set (``None`` or ``{}``: the base model, bit-exact). A scale is
+        a number or ``{component: number}`` (e.g. ``{"unet": 1.0, "text_encoder": 0.5}``)."""
         with self.lock:
             target = self._normalise(scales)
             plan = self._plan(target)
@@ -124,7 +127,7 @@ class ShiraEngine:
         """Write every saved original back: the weights are exactly the base model's again."""
         self.apply(None)
 
-    def _normalise(self, scales: Scales | str | None) -> dict[str, float]:
+    def _normalise(self, scales: Scales | str | None) -> dict[str, Scale]:
         if scales is None:
             return {}
         if isinstance(scales, str):
@@ -132,19 +135,37 @@ class ShiraEngine:
         out = {}
         for name, scale in scales.items():
             self.store.get(name)  # KeyError naming the loaded ones
-            scale = float(scale)
-            if not math.isfinite(scale):
-                raise ValueError(f"scale for {name!r} must be finite, got {scale}")
+            scale = _scale(name, scale)
             if scale != 0.0:
                 out[name] = scale
         return out
 
-    def _plan(self, scales: dict[str, float]) -> Plan:
+    def _plan(self, scales: dict[str, Scale]) -> Plan:
         plan: dict[str, list[Member]] = {}
         for name in sorted(scales):
+            scale = scales[name]
             for key, entry in self.store.get(name).entries.items():
-                plan.setdefault(key, []).append(Member(name, entry, scales[name]))
+                s = scale if isinstance(scale, float) else scale.get(split_key(key)[0], 1.0)
+                if s != 0.0:
+                    plan.setdefault(key, []).append(Member(name, entry, s))
         return {key: tuple(members) for key, members in plan.items()}
+
+
+def _scale(name: str, scale: Any) -> Scale:
+    """A finite float, or ``{component: float}`` (components left out: 1.0, as diffusers'
+    ``set_adapters``), folded to one float when every component would get the same."""
+    if isinstance(scale, Mapping):
+        out = {}
+        for component, value in scale.items():
+            if component not in COMPONENTS:
+                raise ValueError(f"scale for {name!r}: unknown component {component!r} (one of {', '.join(COMPONENTS)})")
+            out[component] = _scale(name, value)
+        full = {c: out.get(c, 1.0) for c in COMPONENTS}
+        return next(iter(full.values())) if len(set(full.values())) == 1 else full
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale for {name!r} must be finite, got {scale}")
+    return scale
 
 
 __all__ = ["AdapterError", "ShiraEngine"]

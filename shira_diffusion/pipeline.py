@@ -139,19 +139,22 @@ class ShiraPipelineSwitcher:
 
     # ---- switching -------------------------------------------------------------------------------
     @staticmethod
-    def scales(adapter_names, adapter_weights=None) -> dict[str, float]:
-        """``{name: weight}`` from diffusers-style ``(names, weights)`` (or a dict, or None)."""
+    def scales(adapter_names, adapter_weights=None) -> dict:
+        """``{name: weight}`` from diffusers-style ``(names, weights)`` (or a dict, or None); a
+        weight is a number or, as in diffusers, ``{"unet": ..., "text_encoder": ...}`` (components
+        left out: 1.0)."""
         if adapter_names is None:
             return {}
+        weight = lambda w: dict(w) if isinstance(w, dict) else float(w)  # noqa: E731
         if isinstance(adapter_names, dict):
-            return {str(k): float(v) for k, v in adapter_names.items()}
+            return {str(k): weight(v) for k, v in adapter_names.items()}
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if adapter_weights is None:
             weights = [1.0] * len(names)
-        elif isinstance(adapter_weights, (int, float)):
-            weights = [float(adapter_weights)] * len(names)
+        elif isinstance(adapter_weights, (int, float, dict)):
+            weights = [weight(adapter_weights)] * len(names)
         else:
-            weights = [float(w) for w in adapter_weights]
+            weights = [weight(w) for w in adapter_weights]
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
         return dict(zip(names, weights))

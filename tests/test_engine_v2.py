@@ -178,3 +178,29 @@ def test_store_budget_refuses_an_adapter_that_does_not_fit(adapter_files):
     with pytest.raises(AdapterError, match="over the store's budget of 10,000"):
         sw.load_adapter(adapter_files[0])
     assert sw.list_adapters() == {}
+
+
+def test_separate_unet_and_text_encoder_strengths():
+    """``{component: scale}`` per adapter (diffusers' set_adapters form): each component's weights
+    get their own strength, components left out 1.0; equal ones fold to one number."""
+    from shira_diffusion.testing import reference_weights
+
+    pipe = tiny_sdxl_pipeline(seed=0)
+    weights = find_targets(pipe, ["unet", "text_encoder", "text_encoder_2"])
+    base = {k: w.detach().clone() for k, w in weights.items()}
+    a = random_adapter(weights, "rand", density=0.05, seed=1, std=0.3)
+    sw = ShiraPipelineSwitcher(pipe)
+    sw.load_adapter(a, "a")
+    sw.set_adapters("a", {"unet": 0.5, "text_encoder": 0.0})
+    assert sw.engine.active == {"a": {"unet": 0.5, "text_encoder": 0.0, "text_encoder_2": 1.0}}
+    for key, w in weights.items():
+        scale = {"unet": 0.5, "text_encoder": 0.0, "text_encoder_2": 1.0}[key.split(".")[0]]
+        want = reference_weights(base, {"a": a}, {"a": scale}).get(key, base[key]) if scale else base[key]
+        assert torch.equal(w.detach(), want), key
+    sw.set_adapters(["a"], [{"unet": 0.7, "text_encoder": 0.7, "text_encoder_2": 0.7}])
+    assert sw.engine.active == {"a": 0.7}
+    with pytest.raises(ValueError, match="unknown component 'vae'"):
+        sw.set_adapters("a", {"vae": 1.0})
+    assert sw.engine.active == {"a": 0.7}
+    sw.set_adapters(None)
+    assert all(torch.equal(w.detach(), base[k]) for k, w in weights.items())
