@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shira_diffusion import ShiraPipelineSwitcher  # noqa: E402
 from shira_diffusion.demo import world  # noqa: E402
-from shira_diffusion.demo.detect import Reading, read_many  # noqa: E402
+from shira_diffusion.demo.detect import Reading, read_many, shows_concept  # noqa: E402
 from shira_diffusion.demo.model import ADAPTERS_DIR, recorded_config  # noqa: E402
 from shira_diffusion.metrics import interference  # noqa: E402
 
@@ -89,10 +89,7 @@ class Bench:
 
 
 def concept_seen(name: str):
-    style = world.CONCEPTS[name].style
-    if style is None:
-        return lambda r, s: r.shape == world.SUBJECT_SHAPE
-    return lambda r, s: getattr(r, style)
+    return lambda r, s: shows_concept(r, name)
 
 
 def concept_on_prompt(name: str):

@@ -237,9 +237,19 @@ class ShiraPipelineSwitcher:
         """A labelled grid, one row per seed: base | each adapter alone | their fusion
         (| the fusion of ``lora_pair``, LoRA counterparts of the same concepts).
 
-        With ``return_details`` also returns the images and concept-loss figures: how far the
-        fused image moved from each adapter's own image, against how far the base is from it.
+        With ``return_details`` also returns the images and concept-loss figures (``concept``:
+        how much of each adapter's concept the fusion keeps, by the measure in ``metric``; see
+        :mod:`.compare`), pixel distances and, for SHiRA pairs, weight-space interference.
+        ``detector=True`` (demo model) / ``encoder=`` (an image encoder) pick the measure.
         """
         from .compare import compare_sets
 
         return compare_sets(self, prompt, list(adapters), list(seeds), adapter_weights, lora_pair, return_details, **kwargs)
+
+    def xy_plot(self, prompt: str, x: tuple[str, list], y: tuple[str, list], seed: int = 0, **kwargs):
+        """A1111's X/Y plot: ``x = (adapter, strengths)`` across, ``y = (adapter or "seed", values)``
+        down, each cell one exact switch from the base; returns ``(grid, rows)`` with each cell's
+        switch time and concept figures (:func:`.compare.xy_plot`, :func:`.compare.rows_csv`)."""
+        from .compare import xy_plot
+
+        return xy_plot(self, prompt, x, y, seed, **kwargs)

@@ -138,17 +138,17 @@ def test_compare_report_and_download(studio, tmp_path):
     studio.add(tmp_path / "a.safetensors")
     studio.add(tmp_path / "b.safetensors", "b|c")  # a name with the table's own separator in it
     grid, report, path = studio.compare("a fox", ["a", "b|c"], [], "0 1", 2, 5.0)
-    assert grid.size == (4 * 64, 2 * 82)
+    assert grid.size == (60 + 4 * 192, 18 + 2 * 192)
     assert "Columns: base | a | b|c | a+b|c" in report
+    assert "**Concept kept in the fusion** (pixel fallback: position between the base image (0)" in report
     _, details = studio.switcher.compare("a fox", ["a", "b|c"], seeds=[0, 1], num_inference_steps=2, guidance_scale=5.0,
                                          return_details=True)
     image, weight = parse_tables(report)
     assert [row["adapter"] for row in image] == ["a", "b|c"]
     for row in image:
-        name = row["adapter"]
-        assert row["retention"] == f"{details['image_retention'][name]:.3f}"
-        assert row["fused vs alone"] == f"{details['image_distance'][name]['fused_vs_alone']:.4f}"
-        assert row["base vs alone"] == f"{details['image_distance'][name]['base_vs_alone']:.4f}"
+        name, dist = row["adapter"], details["image_distance"][row["adapter"]]
+        assert row["in the fusion"] == f"{details['concept'][name]['fused']:.2f}"
+        assert row["pixel distance fused / base to alone"] == f"{dist['fused_vs_alone']:.4f} / {dist['base_vs_alone']:.4f}"
     m = details["weight_space"][("a", "b|c")]
     assert weight == [{"pair": "a + b|c", "index overlap": f"{m['overlap']:.4%}", "AWOM": f"{m['awom']:.4g}", "AWOR": f"{m['awor']:.4f}"}]
     from PIL import Image
@@ -197,7 +197,7 @@ def test_demo_notes_name_every_word_the_model_knows():
     assert notes["vocabulary"] == frozenset(world.vocabulary()) and len(notes["vocabulary"]) == 33
     assert all(name in notes["label"] for name in (*world.COLOURS, *world.SHAPES, *world.BACKGROUNDS))
     assert "does not tell *left* from *right*" in notes["label"] and "top left" not in notes["label"]
-    assert load_pipeline("tiny")[1] == {"label": "**Tiny random-weight pipeline**: SDXL architecture, images are noise; for trying the controls."}
+    assert load_pipeline("tiny")[1] == {"label": "**Tiny random-weight pipeline**: SDXL architecture, images are noise; for trying the controls.", "model": "tiny"}
 
 
 def test_start_up_prints_no_third_party_noise():

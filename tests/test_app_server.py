@@ -28,8 +28,9 @@ def served(tmp_path_factory):
     page.close()
 
 
-def generate_args(mode="swap", swap=NONE, scale=1.0, fuse=FUSE_OFF + ["", 1.0], seed=0):
-    return ["a red square", "", seed, 2, 5.0, 64, 64, mode, swap, scale, *fuse]
+def generate_args(mode="swap", swap=NONE, scale=1.0, fuse=FUSE_OFF + ["", 1.0], seed=0, sampler="model default", count=1, size=1,
+                  swap_te=None, fuse_te=(None,) * 4, prompt="a red square"):
+    return [prompt, "", seed, 2, 5.0, 64, 64, sampler, count, size, mode, swap, scale, swap_te, *fuse, *fuse_te]
 
 
 def pixels(path):
@@ -45,11 +46,11 @@ def test_api_generates_in_swap_and_fuse_modes(served):
 
     studio, url = served
     client = Client(url, verbose=False)
-    base_path, status, table = client.predict(*generate_args(), api_name="/generate")
+    base_path, status, table, _ = client.predict(*generate_args(), api_name="/generate")
     assert status.startswith("base model: switch") and active_in(table) == []
-    a_path, status, table = client.predict(*generate_args(swap="a"), api_name="/generate")
+    a_path, status, table, _ = client.predict(*generate_args(swap="a"), api_name="/generate")
     assert status.startswith("a x1: switch") and active_in(table) == ["a"]  # the Library follows each generation
-    fused_path, status, table = client.predict(*generate_args(mode="fuse", fuse=["a", 1.0, "b", 0.5, "", 1.0, "", 1.0]), api_name="/generate")
+    fused_path, status, table, _ = client.predict(*generate_args(mode="fuse", fuse=["a", 1.0, "b", 0.5, "", 1.0, "", 1.0]), api_name="/generate")
     assert status.startswith("a x1 + b x0.5: switch") and active_in(table) == ["a", "b"]
     assert studio.switcher.get_active_adapters() == ["a", "b"]
     assert pixels(base_path) != pixels(a_path) != pixels(fused_path)
@@ -58,7 +59,7 @@ def test_api_generates_in_swap_and_fuse_modes(served):
 def test_fuse_slots_filled_in_swap_mode_are_reported(served):
     from gradio_client import Client
 
-    path, status, _ = Client(url := served[1], verbose=False).predict(
+    path, status, _, _ = Client(url := served[1], verbose=False).predict(
         *generate_args(swap="b", fuse=["a", 1.0, "", 1.0, "", 1.0, "", 1.0]), api_name="/generate")
     assert status.startswith("b x1: switch") and "fuse slots ignored (a): Mode is *swap*" in status, url
 

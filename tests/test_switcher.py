@@ -114,9 +114,14 @@ def test_thread_hammer_gives_each_request_its_own_adapters(sw):
 def test_compare_grid_size_labels_and_concept_loss(sw, tmp_path):
     grid, details = sw.compare("a fox", adapters=["bluefire", "paintings"], seeds=[0, 1], num_inference_steps=2, return_details=True)
     assert details["columns"] == ["base", "bluefire", "paintings", "bluefire+paintings"]
-    assert grid.size == (4 * 64, 2 * (64 + 18))
-    assert set(details["image_retention"]) == {"bluefire", "paintings"}
-    assert all(-1.0 <= v <= 1.0 for v in details["image_retention"].values())
+    assert grid.size == (60 + 4 * 192, 18 + 2 * 192)  # 64 px images shown at 192 px (nearest), one label line
+    assert details["metric"] == "pixel" and details["metric_meaning"].startswith("pixel fallback")
+    assert set(details["concept"]) == {"bluefire", "paintings"}
+    from shira_diffusion.compare import concept_kept
+
+    for name, figure in details["concept"].items():  # the mean over seeds of each image's figure
+        per_seed = [concept_kept(s["base"], s[name], s["bluefire+paintings"], "pixel") for s in details["images"]]
+        assert figure == {"fused": sum(per_seed) / 2}
     pair = details["weight_space"][("bluefire", "paintings")]
     assert 0.0 <= pair["overlap"] <= 1.0 and pair["weights_shared"] > 0
     assert sw.get_active_adapters() == ["bluefire", "paintings"]
@@ -134,8 +139,8 @@ def test_compare_with_lora_counterparts(sw, tmp_path):
     grid, details = sw.compare("a fox", ["bluefire", "paintings"], seeds=[3], lora_pair=["lora_a", "lora_b"],
                                num_inference_steps=2, return_details=True)
     assert details["columns"][-3:] == ["lora_a", "lora_b", "LoRA lora_a+lora_b"]
-    assert grid.size == (7 * 64, 64 + 18)
-    assert set(details["lora_image_retention"]) == {"lora_a", "lora_b"}
+    assert grid.size == (60 + 7 * 192, 18 + 192)
+    assert set(details["lora_concept"]) == {"lora_a", "lora_b"}
 
 
 def test_model_sources(tmp_path):

@@ -48,9 +48,17 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m app") -> ar
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet once (switching never recompiles)")
     parser.add_argument("--config", default=None, metavar="FOLDER",
                         help="with a single-file --model: a local diffusers folder holding its configs and tokenizers (offline)")
+    parser.add_argument("--allow-uploads", action="store_true",
+                        help="let browser users add and remove adapters (off: the library is shared by every session, so only "
+                             "--adapters-dir fills it)")
     parser.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter file accepted")
-    parser.add_argument("--max-adapters-mb", type=int, default=None,
-                        help="host memory all loaded adapters may hold together (default: no limit)")
+    parser.add_argument("--max-adapter-memory", "--max-adapters-mb", dest="max_adapters_mb", type=int, default=None, metavar="MB",
+                        help="memory all loaded adapters may hold together, by the engine's accounting; an upload past it is refused "
+                             "(default: no limit)")
+    parser.add_argument("--max-adapters", type=int, default=None, help="most adapters the library holds (default: no limit)")
+    parser.add_argument("--image-encoder", default=None, metavar="FOLDER",
+                        help="a local CLIP vision model folder: the Compare and X/Y concept figures use image-embedding similarity "
+                             "(default: the demo model's detectors, else a labelled pixel fallback)")
     parser.add_argument("--max-backup-mb", type=int, default=None,
                         help="host memory for exact-restore copies of LoRA-covered weights (default: no limit)")
     args = parser.parse_args(argv)
@@ -72,8 +80,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m app") -> None:
         pipe, notes = page.load_pipeline(args.model, device=args.device, dtype=args.dtype, **options)
     except (OSError, ValueError) as err:
         sys.exit(f"cannot load --model {args.model!r}: {err}")
+    encoder = None
+    if args.image_encoder:
+        from ..compare import ImageEncoder
+
+        try:
+            encoder = ImageEncoder(args.image_encoder)
+        except (OSError, ValueError) as err:
+            sys.exit(f"cannot load --image-encoder {args.image_encoder!r}: {err}")
     studio = page.Studio(pipe, **notes, max_bytes=_mb(args.max_upload_mb), max_adapter_bytes=_mb(args.max_adapters_mb),
-                         max_backup_bytes=_mb(args.max_backup_mb))
+                         max_backup_bytes=_mb(args.max_backup_mb), allow_uploads=args.allow_uploads,
+                         max_adapters=args.max_adapters, encoder=encoder)
     adapters_dir = args.adapters_dir
     if adapters_dir is None and args.model == DEMO:
         from ..demo.model import ADAPTERS_DIR

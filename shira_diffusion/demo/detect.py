@@ -241,6 +241,14 @@ def read(image) -> Reading:
     return Reading(bg, colour, shape, position, glow >= GLOW_MIN, stripes >= STRIPE_MIN, glow, stripes, iou)
 
 
+def shows_concept(reading: Reading, concept: str) -> bool:
+    """Whether a reading shows a demo concept: the subject's shape (``sks``) or a style's look."""
+    from .world import CONCEPTS
+
+    style = CONCEPTS[concept].style
+    return reading.shape == SUBJECT_SHAPE if style is None else bool(getattr(reading, style))
+
+
 def read_many(images) -> list[Reading]:
     """``read`` for each image (a batch of generations)."""
     return [read(im) for im in images]
