@@ -60,7 +60,7 @@ class ImageEncoder:
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
-    return torch.tensor(list(image.convert("RGB").resize((64, 64)).getdata()), dtype=torch.float32).view(-1) / 255
+    return torch.tensor(list(image.convert("RGB").resize((64, 64)).getdata()), dtype=torch.float64).view(-1) / 255
 
 
 def image_distance(a: Image.Image, b: Image.Image) -> float:
@@ -80,7 +80,7 @@ def concept_kept(base: Image.Image, alone: Image.Image, image: Image.Image, metr
         reach = 1.0 - float(e_base @ e_alone)
         return (float(e @ e_alone) - float(e_base @ e_alone)) / reach if reach > 1e-6 else 1.0
     b, a, x = _pixels(base), _pixels(alone), _pixels(image)
-    span = float((a - b).pow(2).sum())
+    span = float((a - b) @ (a - b))
     return float((x - b) @ (a - b)) / span if span > 0 else 1.0
 
 

@@ -49,7 +49,7 @@ def adapter_tags(prompt: str) -> tuple[str, dict[str, float | dict[str, float]]]
         if name in found:
             raise PromptError(f"{match.group(0)}: {name} is tagged twice")
         found[name] = te if te == unet else {"unet": unet, "text_encoder": te, "text_encoder_2": te}
-    clean = re.sub(r"\s{2,}", " ", TAG.sub("", prompt or "")).strip(" ,")
+    clean = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", TAG.sub("", prompt or ""))).strip(" ,")
     return clean, found
 
 
