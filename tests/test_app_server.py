@@ -29,7 +29,7 @@ def served(tmp_path_factory):
 
 
 def generate_args(mode="swap", swap=NONE, scale=1.0, fuse=FUSE_OFF + ["", 1.0], seed=0, sampler="model default", count=1, size=1,
-                  swap_te=None, fuse_te=(None,) * 4, prompt="a red square"):
+                  swap_te="", fuse_te=("",) * 4, prompt="a red square"):
     return [prompt, "", seed, 2, 5.0, 64, 64, sampler, count, size, mode, swap, scale, swap_te, *fuse, *fuse_te]
 
 
@@ -143,3 +143,118 @@ def test_browser_clicks_generate_and_sees_an_image(served, tmp_path):
         finally:
             browser.close()
     assert Image.open(shot).size[0] > 300
+
+
+@pytest.fixture(scope="module")
+def demo_served():
+    from shira_diffusion.app.studio import load_pipeline
+    from shira_diffusion.demo.model import ADAPTERS_DIR
+
+    pipe, notes = load_pipeline("demo")
+    studio = Studio(pipe, **notes, allow_uploads=False)
+    studio.scan(ADAPTERS_DIR)
+    page = build_ui(studio)
+    port = free_port()
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield studio, f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def pick(page, elem_id: str, option: str) -> None:
+    """Choose ``option`` in the dropdown ``#elem_id`` (its own option list, not another's)."""
+    page.click(f"#{elem_id} input")
+    page.locator(f"#{elem_id}").get_by_role("option", name=option, exact=True).click()
+
+
+def _browser(p):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "the browser test needs Chromium: apt-get install chromium (.ci/run installs it)"
+    return p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                                             "--disable-background-networking", "--disable-component-update",
+                                                             "--disable-sync", "--no-first-run"])
+
+
+BOTH = "a sks shape on a gray background, in the center, in bluefire style"  # both demo concepts' triggers
+
+
+def test_browser_tour_png_info_gallery_xy_and_compare(demo_served, tmp_path):
+    """An artist's session on the demo model, in the browser: a random seed, reused; the session
+    gallery; the PNG read back into the controls; an X/Y plot; a comparison. Screenshots go to
+    $SHIRA_SCREENSHOTS when set (the README's tour), else to a temporary folder."""
+    import os
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    from shira_diffusion.app.pnginfo import read_parameters
+
+    studio, url = demo_served
+    shots = Path(os.environ.get("SHIRA_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red star on a white background, in the center, in bluefire style")  # the style's trigger
+            page.fill("#seed input", "-1")
+            pick(page, "sampler", "Euler a")
+            pick(page, "swap-name", "bluefire-shira-wm")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#status') && document.querySelector('#status').innerText.includes('seed')",
+                                   timeout=120_000)
+            status = page.inner_text("#status")
+            assert status.startswith("bluefire-shira-wm x1: switch")
+            used = int(status.split("seed ")[1].split()[0])
+            page.wait_for_selector("#history img", timeout=30_000)
+            page.wait_for_timeout(1000)
+            page.click("#reuse-seed")
+            page.wait_for_function(f"document.querySelector('#seed input').value === '{used}'", timeout=10_000)
+            page.screenshot(path=str(shots / "generate.png"), full_page=True)
+
+            src = page.get_attribute("#result img", "src")
+            png = tmp_path / "result.png"
+            png.write_bytes(page.request.get(src).body())
+            params = read_parameters(png)
+            assert params["seed"] == used and params["sampler"] == "Euler a" and params["adapters"][0]["name"] == "bluefire-shira-wm"
+
+            page.fill("#prompt textarea", "something else")
+            page.get_by_role("tab", name="PNG info").click()
+            page.set_input_files("#png-drop input[type=file]", str(png))
+            page.wait_for_function("document.querySelector('#png-text') && document.querySelector('#png-text').innerText.includes('Steps:')",
+                                   timeout=30_000)
+            page.click("#png-send")
+            page.wait_for_function("document.querySelector('#png-status').innerText.includes('Sent to Generate')", timeout=30_000)
+            page.screenshot(path=str(shots / "png_info.png"), full_page=True)
+            page.get_by_role("tab", name="Generate").click()
+            assert page.input_value("#prompt textarea") == params["prompt"]
+            assert page.input_value("#seed input") == str(used)
+
+            page.get_by_role("tab", name="X/Y plot").click()
+            page.fill("#xy-prompt textarea", BOTH)
+            pick(page, "x-adapter", "bluefire-shira-rand")
+            pick(page, "y-axis", "sks-shira-rand")
+            page.fill("#x-values textarea", "0, 1")
+            page.fill("#y-values textarea", "0, 1")
+            page.click("#xy-plot")
+            page.wait_for_selector("#xy-grid img", timeout=120_000)
+            page.wait_for_function("document.querySelector('#xy-table').innerText.includes('kept:bluefire-shira-rand')", timeout=30_000)
+            page.wait_for_timeout(1500)  # the images fade in
+            page.screenshot(path=str(shots / "xy_plot.png"), full_page=True)
+
+            page.get_by_role("tab", name="Compare").click()
+            lora_labels = page.locator("#compare-lora label").all_inner_texts()
+            assert lora_labels and all("lora" in t for t in lora_labels)  # LoRA counterparts: LoRA adapters only
+            page.fill("#compare-prompt textarea", BOTH)
+            page.locator("#compare-adapters label", has_text="bluefire-shira-rand").click()
+            page.locator("#compare-adapters label", has_text="sks-shira-rand").click()
+            page.locator("#compare-lora label", has_text="bluefire-lora").click()
+            page.locator("#compare-lora label", has_text="sks-lora").click()
+            page.fill("#compare-seeds textarea", "0, 1")
+            page.click("#compare-button")
+            page.wait_for_function("document.querySelector('#compare-report').innerText.includes('demo detector')", timeout=120_000)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(shots / "compare.png"), full_page=True)
+        finally:
+            browser.close()

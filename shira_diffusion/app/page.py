@@ -125,7 +125,7 @@ def build_ui(studio: Studio):
         for a in slots:
             scale = a["scale"] if a else 1.0
             out += [a["name"] if a else "", scale["unet"] if isinstance(scale, dict) else scale]
-        out += [(a["scale"]["text_encoder"] if a and isinstance(a["scale"], dict) else None) for a in slots]
+        out += [(str(a["scale"]["text_encoder"]) if a and isinstance(a["scale"], dict) else "") for a in slots]
         note = f"Sent to Generate. Not loaded here: {', '.join(missing)}." if missing else "Sent to Generate."
         return [*out, note]
 
@@ -158,14 +158,14 @@ def build_ui(studio: Studio):
                         with gr.Row():
                             swap_name = gr.Dropdown([NONE, *names()], value=NONE, label="Adapter (swap)", elem_id="swap-name")
                             swap_scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Weight")
-                            swap_te = gr.Number(value=None, label="Text-encoder weight (blank: same)")
+                            swap_te = gr.Textbox(value="", label="Text-encoder weight", placeholder="same", elem_id="swap-te")
                     fuse_names, fuse_weights, fuse_te = [], [], []
                     with gr.Accordion("Fuse: adapters and weights (more with <lora:name:w> in the prompt)", open=False):
                         for i in range(FUSE_SLOTS):
                             with gr.Row():
                                 fuse_names.append(gr.Dropdown(["", *names()], value="", label=f"Adapter {i + 1}", elem_id=f"fuse-{i + 1}"))
                                 fuse_weights.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=f"Weight {i + 1}"))
-                                fuse_te.append(gr.Number(value=None, label=f"Text-encoder weight {i + 1} (blank: same)"))
+                                fuse_te.append(gr.Textbox(value="", label=f"Text-encoder weight {i + 1}", placeholder="same"))
                     with gr.Row():
                         button = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -205,36 +205,36 @@ def build_ui(studio: Studio):
         with gr.Tab("Compare"):
             with gr.Row():
                 with gr.Column():
-                    c_prompt = gr.Textbox(label="Prompt", value=studio.example)
-                    c_adapters = gr.CheckboxGroup(names(), label="Adapters (each alone, then fused)")
-                    c_lora = gr.CheckboxGroup(loras(), label="LoRA counterparts (each alone, then fused)")
-                    c_seeds = gr.Textbox(label="Seeds", value="0, 1")
+                    c_prompt = gr.Textbox(label="Prompt", value=studio.example, elem_id="compare-prompt")
+                    c_adapters = gr.CheckboxGroup(names(), label="Adapters (each alone, then fused)", elem_id="compare-adapters")
+                    c_lora = gr.CheckboxGroup(loras(), label="LoRA counterparts (each alone, then fused)", elem_id="compare-lora")
+                    c_seeds = gr.Textbox(label="Seeds", value="0, 1", elem_id="compare-seeds")
                     with gr.Row():
                         c_steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         c_guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="CFG scale")
-                    c_button = gr.Button("Compare", variant="primary")
+                    c_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 with gr.Column():
-                    c_grid = gr.Image(label="base | each adapter | fusion", type="pil", format="png")
-                    c_report = gr.Markdown()
+                    c_grid = gr.Image(label="base | each adapter | fusion", type="pil", format="png", elem_id="compare-grid")
+                    c_report = gr.Markdown(elem_id="compare-report")
                     c_file = gr.File(label="Download grid (PNG)")
         with gr.Tab("X/Y plot"):
             with gr.Row():
                 with gr.Column():
-                    x_prompt = gr.Textbox(label="Prompt", value=studio.example)
+                    x_prompt = gr.Textbox(label="Prompt", value=studio.example, elem_id="xy-prompt")
                     with gr.Row():
                         x_adapter = gr.Dropdown(names(), value=None, label="X: adapter", elem_id="x-adapter")
-                        x_values = gr.Textbox(label="X: strengths", value="0, 0.5, 1")
+                        x_values = gr.Textbox(label="X: strengths", value="0, 0.5, 1", elem_id="x-values")
                     with gr.Row():
                         y_axis = gr.Dropdown([SEED, *names()], value=SEED, label="Y: another adapter, or seed", elem_id="y-axis")
-                        y_values = gr.Textbox(label="Y: strengths (or seeds)", value="0, 1")
+                        y_values = gr.Textbox(label="Y: strengths (or seeds)", value="0, 1", elem_id="y-values")
                     with gr.Row():
                         x_seed = gr.Number(label="Seed (when Y is not the seed)", value=0, precision=0)
                         x_steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         x_guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="CFG scale")
-                    x_button = gr.Button("Plot", variant="primary")
+                    x_button = gr.Button("Plot", variant="primary", elem_id="xy-plot")
                 with gr.Column():
-                    x_grid = gr.Image(label="X/Y plot", type="pil", format="png")
-                    x_table = gr.Markdown()
+                    x_grid = gr.Image(label="X/Y plot", type="pil", format="png", elem_id="xy-grid")
+                    x_table = gr.Markdown(elem_id="xy-table")
                     x_files = gr.File(label="Download (PNG, CSV)", file_count="multiple")
         with gr.Tab("Library"):
             table = gr.Dataframe(

@@ -88,10 +88,20 @@ def training_summary(training: dict) -> str:
     return "; ".join(parts) or "-"
 
 
+class StudioError(ValueError):
+    """A request the studio cannot carry out, in one sentence the user can act on."""
+
+
 def _scale(weight, te_weight=None):
     """One strength, or ``{component: strength}`` when the text encoders get their own."""
     weight = float(weight)
-    if te_weight is None or te_weight == "" or float(te_weight) == weight:
+    if te_weight is None or str(te_weight).strip() == "":
+        return weight
+    try:
+        te_weight = float(te_weight)
+    except ValueError:
+        raise StudioError(f"A text-encoder weight must be a number (or blank for the same as the weight), not {te_weight!r}.") from None
+    if te_weight == weight:
         return weight
     return {"unet": weight, "text_encoder": float(te_weight), "text_encoder_2": float(te_weight)}
 
@@ -110,10 +120,6 @@ def _strength(scale) -> str:
     if isinstance(scale, dict):
         return f"{scale['unet']:g} (text {scale['text_encoder']:g})"
     return f"{scale:g}"
-
-
-class StudioError(ValueError):
-    """A request the studio cannot carry out, in one sentence the user can act on."""
 
 
 @dataclass
