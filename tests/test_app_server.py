@@ -258,3 +258,24 @@ def test_browser_tour_png_info_gallery_xy_and_compare(demo_served, tmp_path):
             page.screenshot(path=str(shots / "compare.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_api_errors_are_the_studio_sentence_not_a_generic_error(served):
+    from gradio_client import Client
+
+    _, url = served
+    client = Client(url, verbose=False)
+    for args, sentence in ((generate_args(seed=None), "The seed is empty: enter a number, or -1 for a random seed."),
+                           (generate_args(prompt="a cat <lora:zzz:1>"), "Bad prompt: <lora:zzz> names no loaded adapter")):
+        with pytest.raises(Exception) as err:
+            client.predict(*args, api_name="/generate")
+        assert sentence in str(err.value)
+
+
+def test_generations_comparisons_and_plots_share_one_queue_of_one(served):
+    studio, _ = served
+    page = build_ui(studio)
+    fns = {f.api_name: f for f in page.fns.values()}
+    engine = [fns[name] for name in ("generate", "img2img", "inpaint", "compare", "xy_plot")]
+    assert all(f.concurrency_id == "engine" and f.concurrency_limit == 1 and f.queue for f in engine)
+    assert fns["cancel"].queue is False  # never waits behind the generation it stops

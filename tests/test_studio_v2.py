@@ -256,3 +256,22 @@ def test_concept_figures_demo_detector_on_a_render():
     assert concept_kept(plain, glowing, glowing, "detector", "bluefire") == 1.0
     assert concept_kept(plain, glowing, plain, "detector", "bluefire") == 0.0
     assert concept_kept(plain, glowing, glowing, "pixel") == 1.0 and concept_kept(plain, glowing, plain, "pixel") == 0.0
+
+
+def test_image_embedding_concept_figure_with_a_local_clip(tmp_path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from shira_diffusion.compare import ImageEncoder, concept_kept, pick_metric
+
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                              patch_size=8, projection_dim=8)
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
+    encoder = ImageEncoder(str(tmp_path / "clip"))
+    base, alone = Image.new("RGB", (64, 64), (20, 20, 200)), Image.new("RGB", (64, 64), (220, 40, 10))
+    half = Image.blend(base, alone, 0.5)
+    assert pick_metric(["x"], False, encoder) == "embedding"
+    assert concept_kept(base, alone, alone, "embedding", encoder=encoder) == pytest.approx(1.0, abs=1e-6)
+    assert concept_kept(base, alone, base, "embedding", encoder=encoder) == pytest.approx(0.0, abs=1e-6)
+    assert concept_kept(base, alone, half, "embedding", encoder=encoder) != pytest.approx(0.0, abs=1e-6)
