@@ -21,6 +21,11 @@ def served(tmp_path_factory):
     random_adapter(weights, "rand", density=0.05, seed=1, std=0.3).save(folder / "a.safetensors")
     random_adapter(weights, "wm", density=0.05, seed=2, std=0.3).save(folder / "b.safetensors")
     studio.scan(folder)
+    yield from serve(studio)
+
+
+def serve(studio):
+    """The studio's page on a free local port for the module's tests: ``(studio, url)``."""
     page = build_ui(studio)
     port = free_port()
     page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -153,11 +158,7 @@ def demo_served():
     pipe, notes = load_pipeline("demo")
     studio = Studio(pipe, **notes, allow_uploads=False)
     studio.scan(ADAPTERS_DIR)
-    page = build_ui(studio)
-    port = free_port()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield studio, f"http://127.0.0.1:{port}/"
-    page.close()
+    yield from serve(studio)
 
 
 def pick(page, elem_id: str, option: str) -> None:

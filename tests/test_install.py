@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from shira_diffusion.testing import free_port
 
@@ -70,9 +71,10 @@ def test_shira_studio_serves_the_api_on_the_demo_model(installed):
             except Exception:  # not listening yet
                 time.sleep(1)
         assert client is not None, server.stdout.read() if server.poll() is not None else "no answer in 240 s"
-        path, status, table = client.predict("a red circle", "", 0, 2, 5.0, 64, 64, "swap", "sks-shira-rand", 1.0,
-                                             *(["", 1.0] * 4), api_name="/generate")
+        path, status, table, _ = client.predict("a red circle", "", 0, 2, 5.0, 64, 64, "model default", 1, 1, "swap", "sks-shira-rand",
+                                                1.0, "", *(["", 1.0] * 4), *([""] * 4), api_name="/generate")
         assert status.startswith("sks-shira-rand x1: switch") and Path(path).is_file()
+        assert "Steps: 2" in Image.open(path).info["parameters"]  # a PNG with its parameters, from the installed package
         assert len(table["data"]) == 18  # the demo adapters, from the package data
     finally:
         server.terminate()

@@ -27,6 +27,13 @@ def _private(event) -> dict:
     return {"api_visibility": "private"} if "api_visibility" in inspect.signature(event).parameters else {"show_api": False}
 
 
+def _steps_and_cfg(gr, elem_prefix: str = ""):
+    """The Steps and CFG scale sliders every tab that renders has."""
+    ids = ({"elem_id": f"{elem_prefix}steps"}, {"elem_id": f"{elem_prefix}guidance"}) if elem_prefix is not None else ({}, {})
+    return (gr.Slider(1, 100, value=20, step=1, label="Steps", **ids[0]),
+            gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="CFG scale", **ids[1]))
+
+
 def _message(err: Exception) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
@@ -144,8 +151,7 @@ def build_ui(studio: Studio):
                     with gr.Row():
                         seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="seed")
                         reuse = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed")
-                        steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
-                        guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="CFG scale", elem_id="guidance")
+                        steps, guidance = _steps_and_cfg(gr)
                     with gr.Row():
                         sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT, label="Sampler", elem_id="sampler")
                         batch_count = gr.Slider(1, 8, value=1, step=1, label="Batch count")
@@ -189,8 +195,7 @@ def build_ui(studio: Studio):
                         i_strength = gr.Slider(0.05, 1.0, value=0.75 if kind == "img2img" else 1.0, step=0.05, label="Denoising strength")
                         with gr.Row():
                             i_seed = gr.Number(label="Seed (-1: random)", value=0, precision=0)
-                            i_steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                            i_guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="CFG scale")
+                            i_steps, i_guidance = _steps_and_cfg(gr, None)
                         i_button = gr.Button("Generate", variant="primary")
                     with gr.Column():
                         i_result = gr.Image(label="Result", type="pil", format="png")
@@ -210,8 +215,7 @@ def build_ui(studio: Studio):
                     c_lora = gr.CheckboxGroup(loras(), label="LoRA counterparts (each alone, then fused)", elem_id="compare-lora")
                     c_seeds = gr.Textbox(label="Seeds", value="0, 1", elem_id="compare-seeds")
                     with gr.Row():
-                        c_steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                        c_guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="CFG scale")
+                        c_steps, c_guidance = _steps_and_cfg(gr, "compare-")
                     c_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 with gr.Column():
                     c_grid = gr.Image(label="base | each adapter | fusion", type="pil", format="png", elem_id="compare-grid")
@@ -229,8 +233,7 @@ def build_ui(studio: Studio):
                         y_values = gr.Textbox(label="Y: strengths (or seeds)", value="0, 1", elem_id="y-values")
                     with gr.Row():
                         x_seed = gr.Number(label="Seed (when Y is not the seed)", value=0, precision=0)
-                        x_steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                        x_guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="CFG scale")
+                        x_steps, x_guidance = _steps_and_cfg(gr, "xy-")
                     x_button = gr.Button("Plot", variant="primary", elem_id="xy-plot")
                 with gr.Column():
                     x_grid = gr.Image(label="X/Y plot", type="pil", format="png", elem_id="xy-grid")
