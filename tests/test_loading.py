@@ -229,7 +229,7 @@ def test_stable_diffusion_1_5_pipelines_switch_and_fuse_like_sdxl():
     assert type(i2i).__name__ == "StableDiffusionImg2ImgPipeline" and i2i.unet is pipe.unet
     grid, details = sw.compare("a red square", ["a", "b"], seeds=[0], num_inference_steps=2, height=64, width=64,
                                return_details=True)
-    assert details["columns"] == ["base", "a", "b", "a+b"] and set(details["image_retention"]) == {"a", "b"}
+    assert details["columns"] == ["base", "a", "b", "a+b"] and set(details["concept"]) == {"a", "b"}
     assert (details["images"][0]["base"].tobytes() != details["images"][0]["a+b"].tobytes()) and grid.width >= 4 * 64
     sw.disable_adapters()
     assert (image(sw) == base).all() and all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
