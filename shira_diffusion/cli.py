@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,26 @@ def cmd_merge(args) -> None:
     print(f"wrote {out} with {', '.join(f'{Path(p).name} x{s:g}' for p, s in specs)} baked in")
 
 
+def cmd_serve(args) -> None:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise AdapterError("shira serve needs Ray Serve: pip install 'shira-studio[serve]' (or 'ray[serve]')") from None
+    from .serve import build_app
+
+    options = {k: v for k, v in vars(args).items() if k not in ("run", "command", "host", "port") and v is not None}
+    ray.init(ignore_reinit_error=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(options), name="shira", route_prefix="/")
+    print(f"serving on http://{args.host}:{args.port}/ (POST /generate, GET /adapters); Ctrl+C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 
@@ -255,6 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_merge)
 
     sub.add_parser("studio", add_help=False, help="open the studio (the web app); `shira studio --help` lists its flags")
+
+    p = sub.add_parser("serve", help="serve generations over HTTP on Ray Serve: replicas, adapter-set affinity, batching "
+                                     "(pip install 'shira-studio[serve]')",
+                       description="POST /generate (JSON) -> PNG; GET /adapters. Each replica loads the model once; requests for an "
+                                   "adapter set go to a replica that already staged it; requests with the same set and settings "
+                                   "that arrive together share one pipeline call.")
+    p.add_argument("--model", default="demo", help="'demo', 'tiny', a hub id, a diffusers folder or a single .safetensors file")
+    p.add_argument("--adapters-dir", default=None, help="folder of adapters every replica can read (default with --model demo: the demo adapters)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (0 on a CPU machine)")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs Ray reserves per replica")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: torch's)")
+    p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--offload", choices=["none", "model", "sequential"], default="none")
+    p.add_argument("--max-adapter-memory", dest="max_adapter_mb", type=float, default=None, metavar="MB",
+                   help="memory each replica's staged adapters may hold (least recently used ones are unloaded)")
+    p.add_argument("--max-batch-size", type=int, default=4, help="requests batched into one pipeline call")
+    p.add_argument("--batch-wait-ms", type=float, default=50, help="how long a request waits for others to batch with")
+    p.add_argument("--max-sets-per-replica", type=int, default=8, help="adapter sets a replica is routed (Ray Serve multiplexing, LRU)")
+    p.add_argument("--no-affinity", dest="affinity", action="store_false", help="route without adapter-set affinity (for comparison)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the service to your network")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(run=cmd_serve)
     return parser
 
 

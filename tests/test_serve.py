@@ -1,0 +1,191 @@
+"""``shira serve``: request validation and the replica without Ray; then a local Ray Serve with two
+replicas of the demo model, driven over HTTP on loopback."""
+
+import io
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shira_diffusion.app.pnginfo import read_parameters
+from shira_diffusion.demo.model import ADAPTERS_DIR
+from shira_diffusion.serve import GenerateRequest, Replica, RequestError, parse_set_id, scan, set_id
+from shira_diffusion.testing import free_port
+
+AVAILABLE = scan(ADAPTERS_DIR)
+PROMPT = "a sks shape on a gray background, in the center, in bluefire style"
+SETS = [{}, {"sks-shira-rand": 1.0}, {"bluefire-shira-rand": 1.0}, {"sks-shira-rand": 1.0, "bluefire-shira-rand": 0.7},
+        {"paintings-shira-wm": 1.0}, {"sks-lora": 1.0, "paintings-lora": 0.5}]
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def test_set_ids_are_canonical():
+    assert set_id({"b": 0.7, "a": 1}) == set_id({"a": 1.0, "b": 0.7}) == "a:1.0+b:0.7"
+    assert set_id({}) == set_id({"a": 0.0}) == "base"
+    assert parse_set_id("a:1.0+b:0.7") == {"a": 1.0, "b": 0.7} and parse_set_id("base") == {}
+    with pytest.raises(RequestError, match="letters, digits"):
+        set_id({"a+b": 1.0})
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "the body is not JSON"),
+    (b"[1, 2]", 400, "the body must be a JSON object"),
+    ({"prompt": 3}, 422, "'prompt' must be a string"),
+    ({"prompt": "x", "adapters": {"nope": 1}}, 404, "no adapter named 'nope' (GET /adapters lists them)"),
+    ({"prompt": "x", "width": 100}, 422, "'width' must be a multiple of 8 between 64 and 2048"),
+    ({"prompt": "x", "steps": 0}, 422, "'steps' must be between 1 and 150"),
+    ({"prompt": "x", "seed": 1.5}, 422, "'seed' must be a whole number"),
+    ({"prompt": "x", "code": "import os"}, 422, "unknown field 'code'"),
+])
+def test_bad_requests_are_4xx_with_a_reason(body, status, message):
+    with pytest.raises(RequestError) as err:
+        GenerateRequest.from_json(body if isinstance(body, bytes) else json.dumps(body), AVAILABLE, 64)
+    assert err.value.status == status and message in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def replica():
+    return Replica("demo", adapters_dir=str(ADAPTERS_DIR))
+
+
+def test_a_replica_batches_by_set_and_settings(replica):
+    requests = [GenerateRequest(PROMPT, seed=s, steps=4, width=64, height=64, adapters=tuple(sorted(SETS[k].items())))
+                for s, k in ((1, 1), (2, 1), (3, 3), (4, 1))]
+    calls = []
+    original = replica.switcher.__class__.__call__
+
+    def counting(self, prompt=None, *args, **kwargs):
+        calls.append(len(prompt))
+        return original(self, prompt, *args, **kwargs)
+
+    replica.switcher.__class__.__call__ = counting
+    try:
+        together = replica.render(requests)
+    finally:
+        replica.switcher.__class__.__call__ = original
+    assert sorted(calls) == [1, 3]  # one call per (set, settings) group
+    for r, png in zip(requests, together):
+        alone = replica.render([r])[0]
+        assert np.abs(pixels(png) - pixels(alone)).max() <= 1  # CPU kernels are not batch-invariant to the last bit
+        params = read_parameters(Image.open(io.BytesIO(png)))
+        assert params["seed"] == r.seed and [a["name"] for a in params["adapters"]] == [n for n, _ in r.adapters]
+
+
+def test_a_replica_evicts_least_recently_used_adapters_to_fit_its_budget(replica):
+    engine = replica.switcher.engine
+    for name in list(engine.staged):
+        replica.switcher.delete_adapters(name)
+    replica.ensure({"sks-shira-rand": 1.0})
+    one = engine.store.nbytes
+    replica.switcher.delete_adapters("sks-shira-rand")
+    replica.max_adapter_bytes = int(2.5 * one)  # room for two
+    try:
+        assert replica.ensure({"sks-shira-rand": 1.0}) is False
+        assert replica.ensure({"bluefire-shira-rand": 1.0}) is False
+        assert replica.ensure({"sks-shira-rand": 1.0}) is True  # staged already; now the most recent
+        replica.ensure({"paintings-shira-rand": 1.0})
+        assert "bluefire-shira-rand" not in engine.staged and {"sks-shira-rand", "paintings-shira-rand"} <= set(engine.staged)
+        assert engine.store.nbytes <= replica.max_adapter_bytes
+        with pytest.raises(RequestError, match="over the replica's adapter budget") as err:
+            replica.ensure({n: 1.0 for n in ("sks-shira-grad", "bluefire-shira-grad", "paintings-shira-grad")})
+        assert err.value.status == 507
+    finally:
+        replica.max_adapter_bytes = None
+
+
+# ---- Ray Serve --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service():
+    import ray  # the serve extra, which the test command installs
+    from ray import serve
+
+    from shira_diffusion.serve import build_app
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"replicas": 2, "num_cpus": 1, "threads": 1, "max_sets_per_replica": 3, "batch_wait_ms": 30}),
+              name="shira", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(url: str, body) -> tuple[int, dict, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/generate", data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def request(k: int, seed: int) -> dict:
+    return {"prompt": PROMPT, "seed": seed, "steps": 4, "adapters": SETS[k]}
+
+
+def test_http_api(service):
+    with urllib.request.urlopen(service + "/adapters", timeout=60) as r:
+        assert json.loads(r.read())["adapters"] == sorted(AVAILABLE)
+    status, headers, png = post(service, request(3, 5))
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert headers["X-Shira-Set"] == "bluefire-shira-rand:0.7+sks-shira-rand:1.0" and headers["X-Shira-Replica"]
+    params = read_parameters(Image.open(io.BytesIO(png)))
+    assert params["seed"] == 5 and params["width"] == 64 and {a["name"] for a in params["adapters"]} == set(SETS[3])
+    status, _, body = post(service, b"{oops")
+    assert status == 400 and "not JSON" in json.loads(body)["error"]
+    status, _, body = post(service, {"prompt": "x", "adapters": {"../../etc/passwd": 1}})
+    assert status == 404
+
+
+def test_concurrent_mixed_sets_stay_on_replicas_that_staged_them(service):
+    """A few hundred requests over 6 sets with Zipf-like popularity: every answer equals its solo
+    answer, and nearly every one was served by a replica that already had its set staged."""
+    rng = random.Random(0)
+    weights = [1 / (i + 1) for i in range(len(SETS))]
+    load = [(rng.choices(range(len(SETS)), weights)[0], rng.randrange(4)) for _ in range(200)]
+    solo = {}
+    for k, seed in sorted(set(load)):
+        status, _, png = post(service, request(k, seed))
+        assert status == 200
+        solo[k, seed] = pixels(png)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda ks: post(service, request(*ks)), load))
+    assert all(status == 200 for status, _, _ in answers)
+    assert all(np.abs(pixels(png) - solo[ks]).max() <= 1 for ks, (_, _, png) in zip(load, answers))
+    staged = sum(h["X-Shira-Staged"] == "1" for _, h, _ in answers) / len(answers)
+    assert staged >= 0.8, staged
+    assert len({h["X-Shira-Replica"] for _, h, _ in answers}) == 2  # both replicas served
+
+
+def test_a_replica_that_dies_mid_run_loses_no_request(service):
+    import ray
+    from ray.util.state import list_actors
+
+    load = [(k % len(SETS), k % 3) for k in range(40)]
+    victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ShiraModel" in (a.class_name or ""))
+
+    def kill_soon():
+        time.sleep(1.0)
+        ray.kill(ray.get_actor(victim.name, namespace=victim.ray_namespace), no_restart=False)
+
+    with ThreadPoolExecutor(9) as pool:
+        killer = pool.submit(kill_soon)
+        answers = list(pool.map(lambda ks: post(service, request(*ks)), load))
+        killer.result()
+    assert [status for status, _, _ in answers] == [200] * len(load)  # every request answered, once each (one answer per call)
+    from ray.util.state import get_actor
+
+    assert get_actor(victim.actor_id).state == "DEAD"  # the kill landed during the run
