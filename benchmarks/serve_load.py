@@ -36,7 +36,7 @@ def post(url: str, body: dict) -> tuple[float, dict]:
     req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:
         r.read()
-        return time.perf_counter() - start, dict(r.headers)
+        return time.perf_counter() - start, r.headers
 
 
 def run_load(url: str, load: list[dict], concurrency: int, max_seconds: float) -> dict:

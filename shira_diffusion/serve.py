@@ -18,8 +18,6 @@ Run ``shira serve`` on one machine, or ``serve run shira_diffusion.serve:app`` /
 ``serve run config.yaml`` on a cluster (see the README).
 """
 
-from __future__ import annotations
-
 import asyncio
 import io
 import json
@@ -30,6 +28,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from fastapi import Request, Response  # gradio's own dependency
+
+# no ``from __future__ import annotations`` here: the ingress's annotations must be the classes
+# themselves, as FastAPI reads them in the Ray replica the class was shipped to
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # adapter names a set id can carry
 BASE = "base"
@@ -265,7 +268,7 @@ def _pnginfo(image):
 
 def deployments(max_batch_size: int = 4, batch_wait_s: float = 0.05, max_sets_per_replica: int = 8):
     """The model and ingress deployment classes (built here so importing this module needs no Ray)."""
-    from fastapi import FastAPI, Request, Response
+    from fastapi import FastAPI
     from ray import serve
 
     api = FastAPI(title="shira serve")
@@ -274,8 +277,8 @@ def deployments(max_batch_size: int = 4, batch_wait_s: float = 0.05, max_sets_pe
     class ShiraModel:
         def __init__(self, options: dict) -> None:
             self.replica = Replica(**options)
-            context = serve.get_replica_context()
-            self.name = str(getattr(context, "replica_id", None) or getattr(context, "replica_tag", "replica"))
+            replica_id = serve.get_replica_context().replica_id
+            self.name = str(getattr(replica_id, "unique_id", replica_id))
 
         @serve.multiplexed(max_num_models_per_replica=max_sets_per_replica)
         async def adapter_set(self, sid: str) -> str:
