@@ -67,6 +67,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--max-seconds", type=float, default=300, help="each configuration stops after this")
+    parser.add_argument("--max-adapter-mb", type=float, default=1.5,
+                        help="each replica's adapter budget: about three of the demo adapters, so a replica cannot hold every set")
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args(argv)
 
@@ -89,11 +91,11 @@ def main(argv=None) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     out = {"replicas": args.replicas, "requests": args.requests, "concurrency": args.concurrency, "steps": args.steps, "sets": len(SETS),
-           "configs": {}}
+           "max_adapter_mb_per_replica": args.max_adapter_mb, "configs": {}}
     try:
         for name, config in configs.items():
             serve.run(build_app({"replicas": args.replicas, "num_cpus": 1, "threads": 1, "max_sets_per_replica": 3,
-                                 "batch_wait_ms": 30, **config}), name="shira", route_prefix="/")
+                                 "batch_wait_ms": 30, "max_adapter_mb": args.max_adapter_mb, **config}), name="shira", route_prefix="/")
             for body in load[:6]:  # warm up: every replica's first call pays for lazy initialisation
                 post(url, body)
             out["configs"][name] = run_load(url, load, args.concurrency, args.max_seconds)

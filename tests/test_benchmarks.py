@@ -91,3 +91,10 @@ def test_interference(tmp_path):
     data = json.loads((tmp_path / "i.json").read_text())
     assert data["weights"] == 96 and data["samples"] == 5 and data["max_awor_abs_error"] < 1e-5
     assert data["max_awom_rel_error"] < 1e-4
+
+
+def test_serve_load_smoke(tmp_path):
+    run("serve_load.py", "--requests", "12", "--replicas", "1", "--steps", "2", "--concurrency", "4", "--out", str(tmp_path / "s.json"))
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert set(data["configs"]) == {"batching+affinity", "no batching+affinity", "batching, no affinity"}
+    assert all(c["requests"] == 12 and c["retried"] == 0 for c in data["configs"].values())
