@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "adapter set go to a replica that already staged it; requests with the same set and settings "
                                    "that arrive together share one pipeline call.")
     p.add_argument("--model", default="demo", help="'demo', 'tiny', a hub id, a diffusers folder or a single .safetensors file")
-    p.add_argument("--adapters-dir", default=None, help="folder of adapters every replica can read (default with --model demo: the demo adapters)")
+    p.add_argument("--adapters-dir", default=None, help="folder of adapters every replica can read, or a hub repository hf://owner/repo "
+                   "(default with --model demo: the demo adapters)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (0 on a CPU machine)")
     p.add_argument("--num-cpus", type=float, default=1, help="CPUs Ray reserves per replica")

@@ -75,11 +75,28 @@ def parse_set_id(text: str) -> dict[str, float]:
     return out
 
 
+def adapters_folder(source: str | Path | None) -> Path | None:
+    """Where the adapters are: a local folder (a shared filesystem path on a cluster), or a hub
+    repository (``hf://owner/repo``) fetched once into the local hub cache (its ``*.safetensors``
+    files only) through ``huggingface_hub``."""
+    if not source:
+        return None
+    text = str(source)
+    if not text.startswith("hf://"):
+        if not Path(text).is_dir():
+            raise ValueError(f"adapters folder {text!r} does not exist (a hub repository is written hf://owner/repo)")
+        return Path(text)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=text.removeprefix("hf://"), allow_patterns=["*.safetensors"]))
+
+
 def scan(folder: str | Path | None) -> dict[str, Path]:
-    """``{name: path}`` of the adapters in ``folder`` that a set id can name."""
-    if not folder:
+    """``{name: path}`` of the adapters in ``folder`` (or hub repository) that a set id can name."""
+    folder = adapters_folder(folder)
+    if folder is None:
         return {}
-    return {p.stem: p for p in sorted(Path(folder).glob("*.safetensors")) if NAME.match(p.stem)}
+    return {p.stem: p for p in sorted(folder.glob("*.safetensors")) if NAME.match(p.stem)}
 
 
 @dataclass(frozen=True)

@@ -280,3 +280,46 @@ def test_generations_comparisons_and_plots_share_one_queue_of_one(served):
     engine = [fns[name] for name in ("generate", "img2img", "inpaint", "compare", "xy_plot")]
     assert all(f.concurrency_id == "engine" and f.concurrency_limit == 1 and f.queue for f in engine)
     assert fns["cancel"].queue is False  # never waits behind the generation it stops
+
+
+def test_browser_batch_cancel_and_img2img(demo_served, tmp_path):
+    """Batch size, Cancel and the img2img tab, clicked in the browser."""
+    from playwright.sync_api import sync_playwright
+
+    from shira_diffusion.demo import world
+
+    _, url = demo_served
+    start = tmp_path / "start.png"
+    world.render(world.Scene("star", "red", "white", "in the center")).save(start)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#seed input", "7")
+            page.fill("#batch-size input[type=number]", "2")
+            page.press("#batch-size input[type=number]", "Enter")
+            page.fill("#steps input[type=number]", "4")
+            page.press("#steps input[type=number]", "Enter")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#status').innerText.includes('seeds 7-8')", timeout=120_000)
+            page.wait_for_function("document.querySelectorAll('#history img').length >= 2", timeout=30_000)
+
+            page.fill("#steps input[type=number]", "100")  # a long run (8 batches of 2 x 100 steps) to stop
+            page.press("#steps input[type=number]", "Enter")
+            page.fill("#batch-count input[type=number]", "8")
+            page.press("#batch-count input[type=number]", "Enter")
+            page.click("#generate")
+            page.wait_for_timeout(1500)
+            page.click("#cancel")
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Cancelled after step')", timeout=120_000)
+
+            page.get_by_role("tab", name="img2img").click()
+            page.set_input_files("#img2img-image input[type=file]", str(start))
+            page.wait_for_selector("#img2img-image img", timeout=30_000)
+            page.click("#img2img-generate")
+            page.wait_for_selector("#img2img-result img", timeout=120_000)
+            page.wait_for_function("document.querySelector('#img2img-status').innerText.includes('switch')", timeout=30_000)
+        finally:
+            browser.close()

@@ -215,3 +215,23 @@ def test_the_cluster_config_builds_and_the_command_documents_its_flags():
     for flag in ("--model", "--adapters-dir", "--replicas", "--num-gpus", "--max-adapter-memory", "--max-batch-size", "--no-affinity",
                  "--host"):
         assert flag in out.stdout
+
+
+def test_adapters_from_a_hub_repository_are_fetched_once_through_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import shira_diffusion.serve as serving
+
+    (tmp_path / "style.safetensors").write_bytes(AVAILABLE["sks-lora"].read_bytes())
+    (tmp_path / "bad name!.safetensors").write_bytes(b"x")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):  # the hub is out of reach here; the call is what is checked
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert serving.scan("hf://team/adapters") == {"style": tmp_path / "style.safetensors"}
+    assert calls == [("team/adapters", ["*.safetensors"])]
+    with pytest.raises(ValueError, match="does not exist"):
+        serving.scan(tmp_path / "missing")

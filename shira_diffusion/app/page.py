@@ -154,8 +154,8 @@ def build_ui(studio: Studio):
                         steps, guidance = _steps_and_cfg(gr)
                     with gr.Row():
                         sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT, label="Sampler", elem_id="sampler")
-                        batch_count = gr.Slider(1, 8, value=1, step=1, label="Batch count")
-                        batch_size = gr.Slider(1, 4, value=1, step=1, label="Batch size")
+                        batch_count = gr.Slider(1, 8, value=1, step=1, label="Batch count", elem_id="batch-count")
+                        batch_size = gr.Slider(1, 4, value=1, step=1, label="Batch size", elem_id="batch-size")
                     with gr.Row():
                         width = gr.Slider(64, 2048, value=default_size, step=8, label="Width", elem_id="width")
                         height = gr.Slider(64, 2048, value=default_size, step=8, label="Height", elem_id="height")
@@ -190,16 +190,16 @@ def build_ui(studio: Studio):
                     with gr.Column():
                         i_prompt = gr.Textbox(label="Prompt", value=studio.example)
                         i_negative = gr.Textbox(label="Negative prompt")
-                        i_image = gr.Image(label="Start image", type="pil")
+                        i_image = gr.Image(label="Start image", type="pil", elem_id=f"{kind}-image")
                         i_mask = gr.Image(label="Mask (white: repaint)", type="pil", image_mode="L") if kind == "inpaint" else gr.State(None)
                         i_strength = gr.Slider(0.05, 1.0, value=0.75 if kind == "img2img" else 1.0, step=0.05, label="Denoising strength")
                         with gr.Row():
                             i_seed = gr.Number(label="Seed (-1: random)", value=0, precision=0)
                             i_steps, i_guidance = _steps_and_cfg(gr, None)
-                        i_button = gr.Button("Generate", variant="primary")
+                        i_button = gr.Button("Generate", variant="primary", elem_id=f"{kind}-generate")
                     with gr.Column():
-                        i_result = gr.Image(label="Result", type="pil", format="png")
-                        i_status = gr.Markdown()
+                        i_result = gr.Image(label="Result", type="pil", format="png", elem_id=f"{kind}-result")
+                        i_status = gr.Markdown(elem_id=f"{kind}-status")
             from_image[kind] = (i_button, [i_prompt, i_negative, i_image, i_mask, i_strength, i_seed, i_steps, i_guidance], [i_result, i_status])
         with gr.Tab("PNG info"):
             png_file = gr.File(label="Drop a PNG to read how it was made", file_types=[".png"], type="filepath", elem_id="png-drop")
