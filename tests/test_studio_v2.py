@@ -160,17 +160,31 @@ def test_prompt_tags_fuse_any_number_with_a1111_strengths(studio):
     assert studio.switcher.engine.active == {"a": pytest.approx(0.8)} and both.images
 
 
-def test_long_prompts_and_weighting_are_said_not_silently_dropped(studio):
-    long = " ".join(["red"] * 80) + " square at the end"
+def test_long_prompts_are_read_whole_and_weighting_applied(studio):
+    """Past 75 tokens and with (word:1.2) weighting the prompt goes through compel: the tail changes
+    the image, a weight changes the image, and the status says how the prompt was read."""
+    from shira_diffusion.app.prompts import to_compel
+
     tokenizer = studio.pipe.tokenizer
+    long = " ".join(["red"] * 80) + " square at the end"
+    n = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert n > 75
+    assert notes(long, tokenizer, encoded=True) == [f"The prompt is {n} tokens, read in full in {-(-n // 75)} chunks of 75 (compel)."]
     ids = tokenizer(long, add_special_tokens=False)["input_ids"]
-    assert len(ids) > 75
-    cut = tokenizer.decode(ids[75:]).strip()
-    assert cut.replace(" ", "").endswith("squareattheend")
-    assert notes(long, tokenizer) == [f"The prompt is {len(ids)} tokens; SDXL reads the first 75, so this is cut: “{cut}”."]
+    assert notes(long, tokenizer) == [f"The prompt is {n} tokens; SDXL reads the first 75, so this is cut: “{tokenizer.decode(ids[75:]).strip()}”."]
     assert notes("a red square", tokenizer) == []
     assert notes("a (red:1.3) square", None) == ["Weighting like (word:1.2) is read as plain text here (brackets and number included)."]
-    assert f"*Note:* The prompt is {len(ids)} tokens" in studio.run(long, "", 0, 1, 5.0, None, 64, 64).status
+    assert to_compel("a (red square:1.3), (glow), [blur] and ((deep))") == "a (red square)1.3, (glow)1.1, (blur)0.9 and ((deep)1.1)1.1"
+
+    def image(prompt):
+        return pixels(studio.run(prompt, "", 0, 2, 5.0, None, 64, 64).images[0])
+
+    tail_a, tail_b = image(long), image(long.replace("at the end", "in the blue"))
+    assert not torch.equal(tail_a, tail_b)  # the words past 75 tokens were read
+    done = studio.run(long, "", 0, 1, 5.0, None, 64, 64)
+    assert f"*Note:* The prompt is {n} tokens, read in full" in done.status
+    assert not torch.equal(image("a (red:1.6) square"), image("a (red:0.4) square"))
+    assert "*Note:* Weighting like (word:1.2) was applied (compel)." in studio.run("a (red:1.6) square", "", 0, 1, 5.0, None, 64, 64).status
 
 
 def test_text_encoder_weight_per_slot():

@@ -145,8 +145,8 @@ def build_ui(studio: Studio):
             with gr.Row():
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt", value=studio.example, elem_id="prompt",
-                                        info="<lora:name:0.8> fuses any loaded adapter (any number); text past 75 tokens is cut, "
-                                             "and the status says so")
+                                        info="<lora:name:0.8> fuses any loaded adapter (any number); long prompts and A1111 "
+                                             "weighting like (word:1.2) are read in full (compel)")
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                     with gr.Row():
                         seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="seed")

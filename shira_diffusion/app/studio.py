@@ -21,7 +21,7 @@ import torch
 from .. import AdapterError, ShiraPipelineSwitcher, __version__
 from ..loading import DEMO, TINY, load_pipeline as load_shira_pipeline
 from .pnginfo import file_hash, with_parameters
-from .prompts import PromptError, adapter_tags, notes as prompt_notes
+from .prompts import PromptError, adapter_tags, encode, has_compel, needs_encoding, notes as prompt_notes
 from .samplers import Samplers
 
 NONE = "(base model)"
@@ -239,6 +239,7 @@ class Studio:
         ``kind`` ``img2img`` / ``inpaint`` starts from ``image`` (and repaints ``mask_image``'s white)."""
         adapters, prompt, seed, steps = self._checked(prompt, adapters, seed, steps, batch_count, batch_size)
         pipe, extra = self._pipeline_for(kind, image, mask_image, strength, width, height)
+        encoded = needs_encoding(prompt, negative, getattr(self.pipe, "tokenizer", None)) and has_compel()
         stop = self._cancel.setdefault(session or "", threading.Event())
         stop.clear()
         done_steps = [0]
@@ -257,11 +258,14 @@ class Studio:
                 switch_ms = self.switcher.last_switch_ms
                 sampler_name = self.samplers.use(sampler, pipe)
                 try:
+                    # read whole and weighted by compel when diffusers would cut or misread it; on the text
+                    # encoders as they are now, with this set's adapters written in
+                    text = (encode(pipe, prompt, negative) if encoded else {"prompt": prompt, "negative_prompt": negative or None})
                     for b in range(int(batch_count)):
                         if stop.is_set():
                             break
                         batch = [seed + b * int(batch_size) + j for j in range(int(batch_size))]
-                        out = self.switcher.generate(pipe, prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                        out = self.switcher.generate(pipe, **text, num_inference_steps=steps,
                                                      guidance_scale=float(guidance), num_images_per_prompt=len(batch),
                                                      generator=[torch.Generator().manual_seed(s) for s in batch],
                                                      callback_on_step_end=on_step, **extra)
@@ -287,7 +291,7 @@ class Studio:
         unknown = unknown_words(f"{prompt} {negative or ''}", self.vocabulary)
         if unknown:
             status += f"\n\n**Unknown to this model:** {', '.join(unknown)} (it reads them as noise; its words are listed above)"
-        for note in prompt_notes(prompt, getattr(self.pipe, "tokenizer", None)):
+        for note in prompt_notes(prompt, getattr(self.pipe, "tokenizer", None), encoded):
             status += f"\n\n*Note:* {note}"
         return Generation(images, seeds, status, params)
 
