@@ -69,7 +69,9 @@ def worker(args) -> dict:
     if args.method == "ours":
         from shira_diffusion.training import SparseTraining
 
-        params = SparseTraining({"unet": unet}, make_masks(targets, args.mask, rank=rank, seed=0)).parameters()
+        # as the trainer runs it: the base values wait on disk until export
+        training = SparseTraining({"unet": unet}, make_masks(targets, args.mask, rank=rank, seed=0), base_on_disk=True)
+        params = training.parameters()
     elif args.method == "peft_lora":
         from peft import LoraConfig
 

@@ -19,7 +19,12 @@ The optimizer and DDP only see the values; the values stay fp32 whatever dtype t
 
 from __future__ import annotations
 
+import math
+import shutil
+import tempfile
 import types
+import weakref
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -84,6 +89,39 @@ class _Slices:
         return torch.cat(parts).index_select(0, self.gather)
 
 
+class _Mask:
+    """A layer's mask, held for the whole run in 2 bytes per entry where it can be: each entry's
+    column as int16 plus one int32 start per row (the weight flattened to ``(rows, cols)``), and
+    expanded to flat int64 indices only while a forward or a backward uses them (one layer's at a
+    time). A weight with 2**15 columns or more, or on the meta device, keeps int32 flat indices."""
+
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+        rows = shape[0]
+        cols = math.prod(shape) // rows
+        idx = indices.detach().to("cpu", torch.int64)
+        self.rows, self.cols, self.n = rows, cols, idx.numel()
+        if torch.device(device).type == "meta" or cols >= 2**15:
+            self.flat_indices = idx.to(device, index_dtype(rows * cols))
+            self.col = self.counts = None
+            return
+        self.flat_indices = None
+        self.col = (idx % cols).to(torch.int16).to(device)
+        self.counts = torch.bincount(idx // cols, minlength=rows).to(torch.int32).to(device)
+
+    def flat(self) -> torch.Tensor:
+        """The sorted flat indices (int64), built now."""
+        if self.flat_indices is not None:
+            return self.flat_indices
+        device = self.col.device
+        rows = torch.repeat_interleave(torch.arange(self.rows, device=device), self.counts.long(), output_size=self.n)
+        return rows.mul_(self.cols).add_(self.col)
+
+    @property
+    def nbytes(self) -> int:
+        held = [t for t in (self.flat_indices, self.col, self.counts) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """``x``, weight and bias in the autocast dtype when autocast is on (what the layer itself would run in)."""
     if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: FLOP counting
@@ -94,19 +132,20 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
 
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, values, slices=None):
+    def forward(ctx, x, weight, bias, mask, values, slices=None):
         with torch.no_grad():
-            weight.view(-1).index_put_((indices,), values.to(weight.dtype))
+            weight.view(-1).index_put_((mask.flat(),), values.to(weight.dtype))
         x, w, b = _autocast(x, weight, bias)
         ctx.weight = weight  # the live tensor, not a saved copy: rewritten only by the next forward
-        ctx.save_for_backward(x, indices)
+        ctx.mask = mask  # its compact form: the flat indices are rebuilt in backward, not kept until then
+        ctx.save_for_backward(x)
         ctx.values_dtype = values.dtype
         ctx.slices = slices
         return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, indices = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         weight = ctx.weight
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
@@ -117,52 +156,52 @@ class _SparseLinear(torch.autograd.Function):
                 grad_values = ctx.slices.grad(g, x.reshape(-1, x.shape[-1])).to(ctx.values_dtype)
             else:
                 dense = g.T @ x.reshape(-1, x.shape[-1])  # this layer's dW, freed on return
-                grad_values = dense.view(-1).index_select(0, indices).to(ctx.values_dtype)
+                grad_values = dense.view(-1).index_select(0, ctx.mask.flat()).to(ctx.values_dtype)
                 del dense
         return grad_x, None, None, None, grad_values, None
 
 
 def _sparse_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _SparseLinear.apply(x, self.weight, self.bias, self.shira_indices, self.shira_values, self.shira_slices)
+    return _SparseLinear.apply(x, self.weight, self.bias, self.shira_mask, self.shira_values, self.shira_slices)
 
 
 class _SparseConv2d(torch.autograd.Function):
     """:class:`_SparseLinear` for ``nn.Conv2d``: the mask is over the flattened (out, in, kh, kw) weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, values, conv):
+    def forward(ctx, x, weight, bias, mask, values, conv):
         with torch.no_grad():
-            weight.view(-1).index_put_((indices,), values.to(weight.dtype))
+            weight.view(-1).index_put_((mask.flat(),), values.to(weight.dtype))
         x, w, b = _autocast(x, weight, bias)
-        ctx.weight, ctx.conv, ctx.values_dtype = weight, conv, values.dtype
-        ctx.save_for_backward(x, indices)
+        ctx.weight, ctx.conv, ctx.values_dtype, ctx.mask = weight, conv, values.dtype, mask
+        ctx.save_for_backward(x)
         return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, indices = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         m, g = ctx.conv, grad_out.to(x.dtype)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(x.shape, ctx.weight.to(g.dtype), g, m.stride, m.padding, m.dilation, m.groups)
         if ctx.needs_input_grad[4]:
             dense = torch.nn.grad.conv2d_weight(x, ctx.weight.shape, g, m.stride, m.padding, m.dilation, m.groups)
-            grad_values = dense.reshape(-1).index_select(0, indices).to(ctx.values_dtype)
+            grad_values = dense.reshape(-1).index_select(0, ctx.mask.flat()).to(ctx.values_dtype)
             del dense
         return grad_x, None, None, None, grad_values, None
 
 
 def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return _SparseConv2d.apply(x, self.weight, self.bias, self.shira_indices, self.shira_values, self)
+    return _SparseConv2d.apply(x, self.weight, self.bias, self.shira_mask, self.shira_values, self)
 
 
 def mask_bytes(module: nn.Module) -> int:
     """Bytes a sparsely trained module holds for the whole run besides its values: the mask, the
-    base values at it and, for row/column/diagonal masks, the slice map."""
+    base values at it (unless they wait on disk) and, for row/column/diagonal masks, the slice map."""
     slices = getattr(module, "shira_slices", None)
-    held = [getattr(module, "shira_indices", None), getattr(module, "shira_base", None),
-            *((slices.rows, slices.cols, slices.diag, slices.gather) if slices is not None else ())]
-    return sum(t.numel() * t.element_size() for t in held if t is not None)
+    held = [getattr(module, "shira_base", None), *((slices.rows, slices.cols, slices.diag, slices.gather) if slices is not None else ())]
+    mask = getattr(module, "shira_mask", None)
+    return sum(t.numel() * t.element_size() for t in held if t is not None) + (mask.nbytes if mask is not None else 0)
 
 
 class SparseTraining:
@@ -171,9 +210,15 @@ class SparseTraining:
     ``masks`` maps adapter keys (``"unet.<module path>"``) to sorted flat indices. The values
     start at the base weights' entries; :meth:`export` gives the adapter, :meth:`remove` puts the
     base weights and the modules' own forwards back.
+
+    The base values at the mask are needed only by :meth:`export`, :meth:`load_values` and
+    :meth:`remove`; with ``base_on_disk`` they wait in a safetensors file in a temporary folder
+    (``base_dir``: where; removed by :meth:`remove` or with this object) instead of memory: 2 bytes per entry of the
+    run's peak (bf16/fp16 weights), the last held memory a sparse run has beyond LoRA's.
     """
 
-    def __init__(self, pipe_or_components: Any, masks: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, pipe_or_components: Any, masks: Mapping[str, torch.Tensor], base_on_disk: bool = False,
+                 base_dir: str | Path | None = None) -> None:
         components = pipeline_components(pipe_or_components)
         self.modules: dict[str, nn.Linear | nn.Conv2d] = {}
         for key in masks:
@@ -183,20 +228,31 @@ class SparseTraining:
             if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
                 raise TypeError(f"{key}: sparse training supports zero-padded convolutions with numeric padding")
             self.modules[key] = module
+        bases = {}
         for key, module in self.modules.items():
             w = module.weight
-            # int32 where it fits: the mask is held for the whole run, int64 would double it
-            idx = masks[key].to(w.device, index_dtype(w.numel()))
             w.requires_grad_(False)
-            base = w.detach().view(-1).index_select(0, idx)
+            mask = _Mask(masks[key], tuple(w.shape), w.device)
+            base = w.detach().view(-1).index_select(0, mask.flat())
             # plain attributes, not buffers: they are not model state, and DDP would resend every
             # buffer to every rank before each forward (0.14 GB at r16 on SDXL, 0.56 GB at r64)
-            module.shira_indices = idx
-            module.shira_base = base
+            module.shira_mask = mask
             linear = isinstance(module, nn.Linear)
             module.shira_slices = _Slices.of(masks[key], tuple(w.shape), w.device) if linear else None  # host mask: meta works too
             module.shira_values = nn.Parameter(base.to(torch.float32, copy=True))
             module.forward = types.MethodType(_sparse_forward if linear else _sparse_conv_forward, module)
+            if base_on_disk and w.device.type != "meta":
+                bases[key] = base.cpu()
+            else:
+                module.shira_base = base
+        self._base_file = None
+        if bases:
+            from safetensors.torch import save_file
+
+            self._base_dir = Path(tempfile.mkdtemp(prefix="shira_base_", dir=base_dir))
+            self._base_file = self._base_dir / "base.safetensors"
+            save_file(bases, str(self._base_file))
+            weakref.finalize(self, shutil.rmtree, self._base_dir, ignore_errors=True)  # also when a run ends without remove()
 
     def parameters(self) -> list[nn.Parameter]:
         return [m.shira_values for m in self.modules.values()]
@@ -205,19 +261,30 @@ class SparseTraining:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def base(self, key: str) -> torch.Tensor:
+        """The base weight's values at ``key``'s mask, on the weight's device."""
+        module = self.modules[key]
+        held = getattr(module, "shira_base", None)
+        if held is not None:
+            return held
+        from safetensors import safe_open
+
+        with safe_open(str(self._base_file), framework="pt") as f:
+            return f.get_tensor(key).to(module.weight.device)
+
     @torch.no_grad()
     def sync_weights(self) -> None:
         """Write the current values into the weights (the forward does this too)."""
         for m in self.modules.values():
-            m.weight.view(-1).index_put_((m.shira_indices,), m.shira_values.to(m.weight.dtype))
+            m.weight.view(-1).index_put_((m.shira_mask.flat(),), m.shira_values.to(m.weight.dtype))
 
     @torch.no_grad()
     def export(self, metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> SparseAdapter:
         """The trained adapter: per weight, ``trained - original`` at the mask (fp32 unless ``dtype``)."""
         deltas = {}
         for key, m in self.modules.items():
-            delta = m.shira_values.detach().float() - m.shira_base.float()
-            deltas[key] = SparseDelta(m.shira_indices.long().cpu(), delta.to(dtype or torch.float32).cpu(), tuple(m.weight.shape))
+            delta = m.shira_values.detach().float() - self.base(key).float()
+            deltas[key] = SparseDelta(m.shira_mask.flat().cpu(), delta.to(dtype or torch.float32).cpu(), tuple(m.weight.shape))
         return SparseAdapter(deltas, dict(metadata or {}))
 
     @torch.no_grad()
@@ -225,17 +292,23 @@ class SparseTraining:
         """Set the values to ``original + delta`` (resuming from an exported adapter)."""
         for key, m in self.modules.items():
             d = adapter.deltas[key]
-            if not torch.equal(d.indices.long().to(m.shira_indices.device), m.shira_indices.long()):
+            if not torch.equal(d.indices.long().to(m.weight.device), m.shira_mask.flat()):
                 raise ValueError(f"{key}: adapter mask differs from the training mask")
-            m.shira_values.copy_(m.shira_base.float() + d.values.to(m.shira_values))
+            m.shira_values.copy_(self.base(key).float() + d.values.to(m.shira_values))
         self.sync_weights()
 
     @torch.no_grad()
     def remove(self) -> None:
         """Restore the base weights exactly and detach from the modules."""
+        for key, m in self.modules.items():
+            m.weight.view(-1).index_put_((m.shira_mask.flat(),), self.base(key))
         for m in self.modules.values():
-            m.weight.view(-1).index_put_((m.shira_indices,), m.shira_base)
             del m.forward
             del m.shira_values
-            del m.shira_indices, m.shira_base, m.shira_slices
+            del m.shira_mask, m.shira_slices
+            if hasattr(m, "shira_base"):
+                del m.shira_base
         self.modules = {}
+        if self._base_file is not None:
+            shutil.rmtree(self._base_dir, ignore_errors=True)
+            self._base_file = None

@@ -830,7 +830,9 @@ def main(argv: list[str] | None = None) -> Path:
         masks = make_masks(weights, args.mask, density=args.density, rank=args.lora_equivalent_rank, seed=args.mask_seed, scores=scores)
         del scores
         digest = agreed_masks(accelerator, masks)
-        sparse = SparseTraining(adaptable, masks)
+        # base values on disk until export: the run holds only the compact mask and the values
+        sparse = SparseTraining(adaptable, masks, base_on_disk=True)
+        del masks  # int64, 8 bytes per entry: the training keeps its own compact copy
         params = sparse.parameters()
         numel = sum(w.numel() for w in weights.values())
         logger.info("SHiRA %s mask: %s trainable values (%.3f%% of %d target weights); mask digest %016x, the same on %d process(es)",
