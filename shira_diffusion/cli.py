@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=50, help="how long a request waits for others to batch with")
     p.add_argument("--max-sets-per-replica", type=int, default=8, help="adapter sets a replica is routed (Ray Serve multiplexing, LRU)")
     p.add_argument("--no-affinity", dest="affinity", action="store_false", help="route without adapter-set affinity (for comparison)")
+    p.add_argument("--no-exact-batches", dest="exact_batches", action="store_false",
+                   help="run short batches as they are (faster at low load; a batched image may then differ from the same "
+                        "request alone by rounding, as kernels block by batch size)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the service to your network")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(run=cmd_serve)

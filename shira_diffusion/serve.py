@@ -180,7 +180,8 @@ class Replica:
     """
 
     def __init__(self, model: str = "demo", dtype: str = "auto", device: str | None = None, offload: str = "none",
-                 adapters_dir: str | None = None, max_adapter_bytes: int | None = None, threads: int | None = None) -> None:
+                 adapters_dir: str | None = None, max_adapter_bytes: int | None = None, threads: int | None = None,
+                 batch_size: int = 1, exact: bool = True) -> None:
         import torch
 
         from .loading import load_pipeline
@@ -194,6 +195,11 @@ class Replica:
         self.switcher = ShiraPipelineSwitcher(self.pipe)
         self.available = scan(adapters_dir)
         self.max_adapter_bytes = max_adapter_bytes
+        # exact: every pipeline call has ``batch_size`` images (short batches padded with copies whose
+        # images are dropped), so a request's pixels do not depend on what it was batched with
+        # (kernels pick their blocking by the batch's size, so a 3-image call and a 1-image call
+        # round differently); measured bit-identical across batch mates and positions on CPU
+        self.batch_size, self.exact = max(1, int(batch_size)), exact
         self.default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         self._last_use: dict[str, float] = {}
         self._hashes: dict[str, str | None] = {}
@@ -237,11 +243,9 @@ class Replica:
                                     f"({self.max_adapter_bytes:,}; --max-adapter-memory)")
 
     def render(self, requests: list[GenerateRequest]) -> list[bytes]:
-        """PNG bytes for each request, in order; one pipeline call per group of requests that share
-        a set and settings (each image is its own seed's)."""
+        """PNG bytes for each request, in order; one pipeline call per ``batch_size`` requests of a
+        group that share a set and settings (each image is its own seed's)."""
         import torch
-
-        from .app.pnginfo import with_parameters
 
         out: dict[int, bytes] = {}
         groups: dict[tuple, list[int]] = {}
@@ -251,16 +255,24 @@ class Replica:
             for (sid, width, height, steps, guidance), members in groups.items():
                 adapters = parse_set_id(sid)
                 self.ensure(adapters)
-                batch = [requests[i] for i in members]
-                images = self.switcher([r.prompt for r in batch], adapters=adapters, negative_prompt=[r.negative_prompt for r in batch],
-                                       num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                                       generator=[torch.Generator().manual_seed(r.seed) for r in batch]).images
-                for i, r, image in zip(members, batch, images):
-                    with_parameters(image, self._params(r))
-                    buffer = io.BytesIO()
-                    image.save(buffer, format="PNG", pnginfo=_pnginfo(image))
-                    out[i] = buffer.getvalue()
+                for start in range(0, len(members), self.batch_size):
+                    chunk = members[start:start + self.batch_size]
+                    batch = [requests[i] for i in chunk]
+                    padded = batch + [batch[-1]] * (self.batch_size - len(batch)) if self.exact else batch
+                    images = self.switcher([r.prompt for r in padded], adapters=adapters, negative_prompt=[r.negative_prompt for r in padded],
+                                           num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                                           generator=[torch.Generator().manual_seed(r.seed) for r in padded]).images
+                    for i, r, image in zip(chunk, batch, images):
+                        out[i] = self._png(r, image)
         return [out[i] for i in range(len(requests))]
+
+    def _png(self, r: GenerateRequest, image) -> bytes:
+        from .app.pnginfo import with_parameters
+
+        with_parameters(image, self._params(r))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=_pnginfo(image))
+        return buffer.getvalue()
 
     def _params(self, r: GenerateRequest) -> dict:
         from . import __version__
@@ -374,7 +386,8 @@ def build_app(args: Mapping[str, Any] | None = None):
 
     ``args``: ``model``, ``dtype``, ``device``, ``offload``, ``adapters_dir``, ``replicas``,
     ``num_gpus`` / ``num_cpus`` per replica, ``threads`` per replica, ``max_adapter_mb``,
-    ``max_batch_size``, ``batch_wait_ms``, ``max_sets_per_replica``, ``affinity``.
+    ``max_batch_size``, ``batch_wait_ms``, ``max_sets_per_replica``, ``affinity``, ``exact_batches``
+    (default true: every call is padded to ``max_batch_size`` images, so batching never changes a pixel).
     """
     args = dict(args or {})
     adapters_dir = args.get("adapters_dir")
@@ -386,7 +399,9 @@ def build_app(args: Mapping[str, Any] | None = None):
     options = {"model": args.get("model", "demo"), "dtype": args.get("dtype", "auto"), "device": args.get("device"),
                "offload": args.get("offload", "none"), "adapters_dir": adapters_dir,
                "max_adapter_bytes": int(float(max_mb) * 2**20) if max_mb not in (None, "") else None,
-               "threads": int(args["threads"]) if args.get("threads") else None}
+               "threads": int(args["threads"]) if args.get("threads") else None,
+               "batch_size": int(args.get("max_batch_size", 4)),
+               "exact": str(args.get("exact_batches", True)).lower() not in ("false", "0", "no")}
     model_cls, ingress_cls = deployments(int(args.get("max_batch_size", 4)), float(args.get("batch_wait_ms", 50)) / 1000,
                                          int(args.get("max_sets_per_replica", 8)))
     resources = {"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))}
