@@ -96,5 +96,5 @@ def test_interference(tmp_path):
 def test_serve_load_smoke(tmp_path):
     run("serve_load.py", "--requests", "12", "--replicas", "1", "--steps", "2", "--concurrency", "4", "--out", str(tmp_path / "s.json"))
     data = json.loads((tmp_path / "s.json").read_text())
-    assert set(data["configs"]) == {"batching+affinity", "no batching+affinity", "batching, no affinity"}
+    assert set(data["configs"]) == {"batching+affinity", "batching (not exact)+affinity", "no batching+affinity", "batching, no affinity"}
     assert all(c["requests"] == 12 and c["retried"] == 0 for c in data["configs"].values())
