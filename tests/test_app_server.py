@@ -1,5 +1,6 @@
 """The studio served for real on a free local port: an API client and a headless browser drive it."""
 
+import contextlib
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,39 +115,24 @@ def test_concurrent_tabs_each_get_their_own_adapters(served):
 
 
 def test_browser_clicks_generate_and_sees_an_image(served, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     studio, url = served
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "the browser test needs Chromium: apt-get install chromium (.ci/run installs it)"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
-        try:
-            page = browser.new_page()
-            page.goto(url, wait_until="domcontentloaded")
-            page.wait_for_selector("#generate", timeout=60_000)
-            assert page.input_value("#prompt textarea") == studio.example
-            assert page.is_checked("#mode input[value='swap']")
-            page.get_by_text("Fuse: adapters and weights").click()
-            page.click("#fuse-1 input")
-            page.get_by_role("option", name="a", exact=True).click()  # picking a fuse slot switches the mode to fuse
-            page.wait_for_function("document.querySelector(\"#mode input[value='fuse']\").checked", timeout=10_000)
-            page.get_by_role("tab", name="Library").click()
-            assert page.input_value("#remove-name input", timeout=10_000) == ""  # nothing pre-selected for removal
-            page.get_by_role("tab", name="Generate").click()
-            page.check("#mode input[value='swap']")
-            page.click("#generate")
-            page.wait_for_selector("#result img", timeout=120_000)
-            page.wait_for_function("document.querySelector('#status') && document.querySelector('#status').innerText.includes('switch')",
-                                   timeout=60_000)
-            shot = tmp_path / "studio.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with studio_page(url) as page:
+        assert page.input_value("#prompt textarea") == studio.example
+        assert page.is_checked("#mode input[value='swap']")
+        page.get_by_text("Fuse: adapters and weights").click()
+        page.click("#fuse-1 input")
+        page.locator("#fuse-1").get_by_role("option", name="a", exact=True).click()  # picking a fuse slot switches the mode to fuse
+        page.wait_for_function("document.querySelector(\"#mode input[value='fuse']\").checked", timeout=10_000)
+        page.get_by_role("tab", name="Library").click()
+        assert page.input_value("#remove-name input", timeout=10_000) == ""  # nothing pre-selected for removal
+        page.get_by_role("tab", name="Generate").click()
+        page.check("#mode input[value='swap']")
+        page.click("#generate")
+        page.wait_for_selector("#result img", timeout=120_000)
+        page.wait_for_function("document.querySelector('#status') && document.querySelector('#status').innerText.includes('switch')",
+                               timeout=60_000)
+        shot = tmp_path / "studio.png"
+        page.screenshot(path=str(shot), full_page=True)
     assert Image.open(shot).size[0] > 300
 
 
@@ -167,6 +153,22 @@ def pick(page, elem_id: str, option: str) -> None:
     page.locator(f"#{elem_id}").get_by_role("option", name=option, exact=True).click()
 
 
+@contextlib.contextmanager
+def studio_page(url: str):
+    """A headless Chromium page on the studio at ``url``, once its Generate button is there."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
 def _browser(p):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "the browser test needs Chromium: apt-get install chromium (.ci/run installs it)"
@@ -185,80 +187,71 @@ def test_browser_tour_png_info_gallery_xy_and_compare(demo_served, tmp_path):
     import os
     from pathlib import Path
 
-    from playwright.sync_api import sync_playwright
-
     from shira_diffusion.app.pnginfo import read_parameters
 
     studio, url = demo_served
     shots = Path(os.environ.get("SHIRA_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded")
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red star on a white background, in the center, in bluefire style")  # the style's trigger
-            page.fill("#seed input", "-1")
-            pick(page, "sampler", "Euler a")
-            pick(page, "swap-name", "bluefire-shira-wm")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#status') && document.querySelector('#status').innerText.includes('seed')",
-                                   timeout=120_000)
-            status = page.inner_text("#status")
-            assert status.startswith("bluefire-shira-wm x1: switch")
-            used = int(status.split("seed ")[1].split()[0])
-            page.wait_for_selector("#history img", timeout=30_000)
-            page.wait_for_timeout(1000)
-            page.click("#reuse-seed")
-            page.wait_for_function(f"document.querySelector('#seed input').value === '{used}'", timeout=10_000)
-            page.screenshot(path=str(shots / "generate.png"), full_page=True)
+    with studio_page(url) as page:
+        page.fill("#prompt textarea", "a red star on a white background, in the center, in bluefire style")  # the style's trigger
+        page.fill("#seed input", "-1")
+        pick(page, "sampler", "Euler a")
+        pick(page, "swap-name", "bluefire-shira-wm")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status') && document.querySelector('#status').innerText.includes('seed')",
+                               timeout=120_000)
+        status = page.inner_text("#status")
+        assert status.startswith("bluefire-shira-wm x1: switch")
+        used = int(status.split("seed ")[1].split()[0])
+        page.wait_for_selector("#history img", timeout=30_000)
+        page.wait_for_timeout(1000)
+        page.click("#reuse-seed")
+        page.wait_for_function(f"document.querySelector('#seed input').value === '{used}'", timeout=10_000)
+        page.screenshot(path=str(shots / "generate.png"), full_page=True)
 
-            src = page.get_attribute("#result img", "src")
-            png = tmp_path / "result.png"
-            png.write_bytes(page.request.get(src).body())
-            params = read_parameters(png)
-            assert params["seed"] == used and params["sampler"] == "Euler a" and params["adapters"][0]["name"] == "bluefire-shira-wm"
+        src = page.get_attribute("#result img", "src")
+        png = tmp_path / "result.png"
+        png.write_bytes(page.request.get(src).body())
+        params = read_parameters(png)
+        assert params["seed"] == used and params["sampler"] == "Euler a" and params["adapters"][0]["name"] == "bluefire-shira-wm"
 
-            page.fill("#prompt textarea", "something else")
-            page.get_by_role("tab", name="PNG info").click()
-            page.set_input_files("#png-drop input[type=file]", str(png))
-            page.wait_for_function("document.querySelector('#png-text') && document.querySelector('#png-text').innerText.includes('Steps:')",
-                                   timeout=30_000)
-            page.click("#png-send")
-            page.wait_for_function("document.querySelector('#png-status').innerText.includes('Sent to Generate')", timeout=30_000)
-            page.screenshot(path=str(shots / "png_info.png"), full_page=True)
-            page.get_by_role("tab", name="Generate").click()
-            assert page.input_value("#prompt textarea") == params["prompt"]
-            assert page.input_value("#seed input") == str(used)
+        page.fill("#prompt textarea", "something else")
+        page.get_by_role("tab", name="PNG info").click()
+        page.set_input_files("#png-drop input[type=file]", str(png))
+        page.wait_for_function("document.querySelector('#png-text') && document.querySelector('#png-text').innerText.includes('Steps:')",
+                               timeout=30_000)
+        page.click("#png-send")
+        page.wait_for_function("document.querySelector('#png-status').innerText.includes('Sent to Generate')", timeout=30_000)
+        page.screenshot(path=str(shots / "png_info.png"), full_page=True)
+        page.get_by_role("tab", name="Generate").click()
+        assert page.input_value("#prompt textarea") == params["prompt"]
+        assert page.input_value("#seed input") == str(used)
 
-            page.get_by_role("tab", name="X/Y plot").click()
-            page.fill("#xy-prompt textarea", BOTH)
-            pick(page, "x-adapter", "bluefire-shira-rand")
-            pick(page, "y-axis", "sks-shira-rand")
-            page.fill("#x-values textarea", "0, 1")
-            page.fill("#y-values textarea", "0, 1")
-            page.click("#xy-plot")
-            page.wait_for_selector("#xy-grid img", timeout=120_000)
-            page.wait_for_function("document.querySelector('#xy-table').innerText.includes('kept:bluefire-shira-rand')", timeout=30_000)
-            page.wait_for_timeout(1500)  # the images fade in
-            page.screenshot(path=str(shots / "xy_plot.png"), full_page=True)
+        page.get_by_role("tab", name="X/Y plot").click()
+        page.fill("#xy-prompt textarea", BOTH)
+        pick(page, "x-adapter", "bluefire-shira-rand")
+        pick(page, "y-axis", "sks-shira-rand")
+        page.fill("#x-values textarea", "0, 1")
+        page.fill("#y-values textarea", "0, 1")
+        page.click("#xy-plot")
+        page.wait_for_selector("#xy-grid img", timeout=120_000)
+        page.wait_for_function("document.querySelector('#xy-table').innerText.includes('kept:bluefire-shira-rand')", timeout=30_000)
+        page.wait_for_timeout(1500)  # the images fade in
+        page.screenshot(path=str(shots / "xy_plot.png"), full_page=True)
 
-            page.get_by_role("tab", name="Compare").click()
-            lora_labels = page.locator("#compare-lora label").all_inner_texts()
-            assert lora_labels and all("lora" in t for t in lora_labels)  # LoRA counterparts: LoRA adapters only
-            page.fill("#compare-prompt textarea", BOTH)
-            page.locator("#compare-adapters label", has_text="bluefire-shira-rand").click()
-            page.locator("#compare-adapters label", has_text="sks-shira-rand").click()
-            page.locator("#compare-lora label", has_text="bluefire-lora").click()
-            page.locator("#compare-lora label", has_text="sks-lora").click()
-            page.fill("#compare-seeds textarea", "0, 1")
-            page.click("#compare-button")
-            page.wait_for_function("document.querySelector('#compare-report').innerText.includes('demo detector')", timeout=120_000)
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(shots / "compare.png"), full_page=True)
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="Compare").click()
+        lora_labels = page.locator("#compare-lora label").all_inner_texts()
+        assert lora_labels and all("lora" in t for t in lora_labels)  # LoRA counterparts: LoRA adapters only
+        page.fill("#compare-prompt textarea", BOTH)
+        page.locator("#compare-adapters label", has_text="bluefire-shira-rand").click()
+        page.locator("#compare-adapters label", has_text="sks-shira-rand").click()
+        page.locator("#compare-lora label", has_text="bluefire-lora").click()
+        page.locator("#compare-lora label", has_text="sks-lora").click()
+        page.fill("#compare-seeds textarea", "0, 1")
+        page.click("#compare-button")
+        page.wait_for_function("document.querySelector('#compare-report').innerText.includes('demo detector')", timeout=120_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
 
 
 def test_api_errors_are_the_studio_sentence_not_a_generic_error(served):
@@ -284,42 +277,33 @@ def test_generations_comparisons_and_plots_share_one_queue_of_one(served):
 
 def test_browser_batch_cancel_and_img2img(demo_served, tmp_path):
     """Batch size, Cancel and the img2img tab, clicked in the browser."""
-    from playwright.sync_api import sync_playwright
-
     from shira_diffusion.demo import world
 
     _, url = demo_served
     start = tmp_path / "start.png"
     world.render(world.Scene("star", "red", "white", "in the center")).save(start)
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded")
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#seed input", "7")
-            page.fill("#batch-size input[type=number]", "2")
-            page.press("#batch-size input[type=number]", "Enter")
-            page.fill("#steps input[type=number]", "4")
-            page.press("#steps input[type=number]", "Enter")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#status').innerText.includes('seeds 7-8')", timeout=120_000)
-            page.wait_for_function("document.querySelectorAll('#history img').length >= 2", timeout=30_000)
+    with studio_page(url) as page:
+        page.fill("#seed input", "7")
+        page.fill("#batch-size input[type=number]", "2")
+        page.press("#batch-size input[type=number]", "Enter")
+        page.fill("#steps input[type=number]", "4")
+        page.press("#steps input[type=number]", "Enter")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('seeds 7-8')", timeout=120_000)
+        page.wait_for_function("document.querySelectorAll('#history img').length >= 2", timeout=30_000)
 
-            page.fill("#steps input[type=number]", "100")  # a long run (8 batches of 2 x 100 steps) to stop
-            page.press("#steps input[type=number]", "Enter")
-            page.fill("#batch-count input[type=number]", "8")
-            page.press("#batch-count input[type=number]", "Enter")
-            page.click("#generate")
-            page.wait_for_timeout(1500)
-            page.click("#cancel")
-            page.wait_for_function("document.querySelector('#status').innerText.includes('Cancelled after step')", timeout=120_000)
+        page.fill("#steps input[type=number]", "100")  # a long run (8 batches of 2 x 100 steps) to stop
+        page.press("#steps input[type=number]", "Enter")
+        page.fill("#batch-count input[type=number]", "8")
+        page.press("#batch-count input[type=number]", "Enter")
+        page.click("#generate")
+        page.wait_for_timeout(1500)
+        page.click("#cancel")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Cancelled after step')", timeout=120_000)
 
-            page.get_by_role("tab", name="img2img").click()
-            page.set_input_files("#img2img-image input[type=file]", str(start))
-            page.wait_for_selector("#img2img-image img", timeout=30_000)
-            page.click("#img2img-generate")
-            page.wait_for_selector("#img2img-result img", timeout=120_000)
-            page.wait_for_function("document.querySelector('#img2img-status').innerText.includes('switch')", timeout=30_000)
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="img2img").click()
+        page.set_input_files("#img2img-image input[type=file]", str(start))
+        page.wait_for_selector("#img2img-image img", timeout=30_000)
+        page.click("#img2img-generate")
+        page.wait_for_selector("#img2img-result img", timeout=120_000)
+        page.wait_for_function("document.querySelector('#img2img-status').innerText.includes('switch')", timeout=30_000)
