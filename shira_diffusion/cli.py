@@ -16,7 +16,7 @@ from typing import Any
 
 from .adapter import BIAS, COMPONENTS, FORMAT_VERSION, AdapterError, SparseAdapter
 from .dtypes import DTYPES, dtype_name
-from .interop import file_kind, is_kohya_file, load_any, write_peft_folders
+from .interop import file_kind, load_any, write_peft_folders
 from .lora import LoraAdapter
 from .targets import pipeline_components, resolve_weight
 
@@ -42,7 +42,7 @@ def _size(path: Path) -> int:
 def _sparse(path: str, command: str) -> SparseAdapter:
     """A SHiRA file for commands that only read those, with a hint for the other kinds."""
     kind = file_kind(path)
-    if kind == "other":
+    if kind in ("other", "kohya"):
         raise AdapterError(f"{path}: not a SHiRA adapter (a LoRA file?); {command} reads SHiRA files; "
                            "`shira convert lora2shira` turns a LoRA into one")
     if kind == "peft":
@@ -52,7 +52,7 @@ def _sparse(path: str, command: str) -> SparseAdapter:
 
 def cmd_inspect(args) -> None:
     path = Path(args.file)
-    if not args.model and file_kind(path) == "other" and is_kohya_file(path):
+    if not args.model and file_kind(path) == "kohya":
         print("\n".join(_kohya_header_lines(path)))  # names and training metadata need no model
         return
     adapter = load_any(path, _pipeline(args.model) if args.model else None)

@@ -177,7 +177,7 @@ def read_lora(path: str | os.PathLike, pipe: Any, name: str = "_shira_import") -
     path = Path(path)
     if path.suffix != ".safetensors":
         raise AdapterError(f"{path}: LoRA files must be .safetensors (pickled files are not read)")
-    if is_kohya_file(path):
+    if file_kind(path) == "kohya":
         return read_kohya_file(path, pipeline_components(pipe))
     try:
         with _quiet_weight_loading():
@@ -214,17 +214,6 @@ def _peft_deltas(pipe: Any, name: str) -> dict[str, DenseDelta]:
             if getattr(up, "bias", None) is not None:
                 deltas[key + BIAS] = FullDelta(up.bias.detach().float() * scaling, tuple(up.bias.shape))
     return deltas
-
-
-def is_kohya_file(path: str | os.PathLike) -> bool:
-    """Whether a safetensors file's tensor names are kohya / LyCORIS style (read without the model's lock)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return is_kohya(f.keys())
-    except Exception:  # the parser's own error types vary; the reader that follows says what is wrong
-        return False
 
 
 @contextlib.contextmanager
@@ -328,26 +317,32 @@ def load_any(path: str | os.PathLike, pipe: Any = None, component: str = "unet",
         return SparseAdapter.load(path)
     if pipe is None:
         raise AdapterError(f"{path}: not a SHiRA adapter; LoRA files need the model (--model) to be read")
+    if kind == "kohya":
+        return read_kohya_file(path, pipeline_components(pipe))
     return read_lora(path, pipe)
 
 
 def file_kind(path: str | os.PathLike) -> str:
-    """``shira``, ``peft`` (a folder), ``unreadable`` (no safetensors file) or ``other`` (a LoRA
+    """``shira``, ``peft`` (a folder), ``kohya`` (kohya / LyCORIS tensor names: read from the file
+    alone, no model lock), ``unreadable`` (no safetensors file) or ``other`` (a diffusers LoRA
     file, or some other safetensors file), from the header alone."""
     path = Path(path)
     if path.is_dir():
         return "peft"
-    fmt = _header_format(path) if path.is_file() else None
-    return "unreadable" if fmt is None else "shira" if fmt == "shira" else "other"
+    header = _header(path) if path.is_file() else None
+    if header is None:
+        return "unreadable"
+    fmt, keys = header
+    return "shira" if fmt == "shira" else "kohya" if is_kohya(keys) else "other"
 
 
-def _header_format(path: Path) -> str | None:
-    """The safetensors header's ``format`` (``shira``, ``pt``, ...; ``""`` if none); None for a
-    file that is no safetensors at all."""
+def _header(path: Path) -> tuple[str, list[str]] | None:
+    """The safetensors header's ``format`` (``shira``, ``pt``, ...; ``""`` if none) and tensor
+    names; None for a file that is no safetensors at all."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format", "")
+            return (f.metadata() or {}).get("format", ""), list(f.keys())
     except Exception:  # the parser's own error types vary
         return None

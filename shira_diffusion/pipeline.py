@@ -76,12 +76,12 @@ class ShiraPipelineSwitcher:
         itself, which takes the lock.
         """
         from .adapter import AdapterError, fingerprint
-        from .interop import file_kind, is_kohya_file, load_any
+        from .interop import file_kind, load_any
 
         source = None
         if not hasattr(adapter, "deltas"):
             source = Path(adapter)
-            if file_kind(source) in ("shira", "peft", "unreadable") or is_kohya_file(source):
+            if file_kind(source) in ("shira", "peft", "unreadable", "kohya"):
                 adapter = load_any(source, self.pipe, max_bytes=max_bytes)
             else:
                 with self.engine.lock:

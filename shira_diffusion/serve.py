@@ -202,7 +202,6 @@ class Replica:
         self.batch_size, self.exact = max(1, int(batch_size)), exact
         self.default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         self._last_use: dict[str, float] = {}
-        self._hashes: dict[str, str | None] = {}
         self._lock = threading.RLock()  # staging and rendering, one at a time
 
     def has(self, adapters: Mapping[str, float]) -> bool:
@@ -211,8 +210,6 @@ class Replica:
     def ensure(self, adapters: Mapping[str, float]) -> bool:
         """Stage every adapter of the set (evicting others by least-recent use to fit the budget);
         returns whether all were staged already."""
-        from .app.pnginfo import file_hash
-
         with self._lock:
             store = self.switcher.engine.store
             already = self.has(adapters)
@@ -224,7 +221,6 @@ class Replica:
                     raise RequestError(404, f"no adapter named {name!r}")
                 path = self.available[name]
                 self.switcher.load_adapter(path, adapter_name=name)
-                self._hashes[name] = file_hash(path)
                 if self.max_adapter_bytes is not None:
                     self._make_room(keep=set(adapters))
             return already
@@ -276,10 +272,12 @@ class Replica:
 
     def _params(self, r: GenerateRequest) -> dict:
         from . import __version__
+        from .app.pnginfo import file_hash
 
         return {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "steps": r.steps, "sampler": type(self.pipe.scheduler).__name__,
                 "cfg_scale": r.guidance, "seed": r.seed, "width": r.width, "height": r.height, "model": self.model,
-                "adapters": [{"name": n, "scale": s, "hash": self._hashes.get(n)} for n, s in r.adapters], "version": __version__}
+                "adapters": [{"name": n, "scale": s, "hash": file_hash(self.available.get(n))} for n, s in r.adapters],
+                "version": __version__}
 
 
 def _pnginfo(image):

@@ -9,6 +9,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -21,9 +22,16 @@ CHUNK = "shira_studio"
 
 
 def file_hash(path: str | Path | None) -> str | None:
-    """A1111's short hash (``AutoV2``): the first 10 hex digits of the file's sha256."""
+    """A1111's short hash (``AutoV2``): the first 10 hex digits of the file's sha256, read once
+    per file version (the first image that names the adapter pays for it, not its loading)."""
     if not path or not Path(path).is_file():
         return None
+    stat = Path(path).stat()
+    return _sha256_10(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_10(path: str, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

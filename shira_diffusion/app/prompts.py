@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from ..adapter import COMPONENTS
+
 TAG = re.compile(r"<(?:lora|shira):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
 WEIGHTING = re.compile(r"\([^()]*:\s*-?\d+(?:\.\d+)?\s*\)")
 A1111_GROUP = re.compile(r"\(([^()\[\]]*?)(?::\s*(-?\d+(?:\.\d+)?))?\s*\)|\[([^()\[\]]*)\]")
@@ -51,7 +53,7 @@ def adapter_tags(prompt: str) -> tuple[str, dict[str, float | dict[str, float]]]
         unet = unet if unet is not None else positional[1] if len(positional) > 1 else te
         if name in found:
             raise PromptError(f"{match.group(0)}: {name} is tagged twice")
-        found[name] = te if te == unet else {"unet": unet, "text_encoder": te, "text_encoder_2": te}
+        found[name] = te if te == unet else {c: unet if c == "unet" else te for c in COMPONENTS}
     clean = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", TAG.sub("", prompt or ""))).strip(" ,")
     return clean, found
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import AdapterError, ShiraPipelineSwitcher, __version__
+from .. import COMPONENTS, AdapterError, ShiraPipelineSwitcher, __version__
 from ..loading import DEMO, TINY, load_pipeline as load_shira_pipeline
 from .pnginfo import file_hash, with_parameters
 from .prompts import PromptError, adapter_tags, encode, has_compel, needs_encoding, notes as prompt_notes
@@ -103,7 +103,7 @@ def _scale(weight, te_weight=None):
         raise StudioError(f"A text-encoder weight must be a number (or blank for the same as the weight), not {te_weight!r}.") from None
     if te_weight == weight:
         return weight
-    return {"unet": weight, "text_encoder": float(te_weight), "text_encoder_2": float(te_weight)}
+    return {c: weight if c == "unet" else te_weight for c in COMPONENTS}
 
 
 def _add(a, b):
@@ -113,7 +113,7 @@ def _add(a, b):
     if isinstance(a, float) and isinstance(b, float):
         return a + b
     per = lambda s, c: s if isinstance(s, float) else s.get(c, 1.0)  # noqa: E731
-    return {c: per(a, c) + per(b, c) for c in ("unet", "text_encoder", "text_encoder_2")}
+    return {c: per(a, c) + per(b, c) for c in COMPONENTS}
 
 
 def _strength(scale) -> str:
@@ -160,7 +160,7 @@ class Studio:
         self.samplers = Samplers(pipe)
         self.encoder = encoder  # an image encoder for the concept figures (compare.ImageEncoder), or None
         self._cancel: dict[str, threading.Event] = {}
-        self._hashes: dict[str, str | None] = {}
+        self._sources: dict[str, Path] = {}  # adapter name -> its file (hashed for the PNGs when first used)
         self.tmp = Path(tempfile.mkdtemp(prefix="shira_studio_"))  # compare grids, X/Y plots: removed with the studio
         weakref.finalize(self, shutil.rmtree, self.tmp, ignore_errors=True)
 
@@ -173,7 +173,7 @@ class Studio:
         if self.max_adapters is not None and len(self.switcher.engine.staged) >= self.max_adapters:
             raise StudioError(f"the library holds {self.max_adapters} adapters, its limit (--max-adapters); remove one first")
         name = self.switcher.load_adapter(Path(path), adapter_name=name or Path(path).stem, max_bytes=self.max_bytes)
-        self._hashes[name] = file_hash(path)
+        self._sources[name] = Path(path)
         return name
 
     def upload(self, path: str | Path, name: str = "", file_name: str | None = None) -> str:
@@ -201,7 +201,7 @@ class Studio:
         if not self.allow_uploads:
             raise StudioError("removing adapters is off: the library is shared (start the studio with --allow-uploads)")
         self.switcher.delete_adapters(name)
-        self._hashes.pop(name, None)
+        self._sources.pop(name, None)
 
     def scan(self, folder: str | Path) -> list[str]:
         """Stage every adapter in ``folder``; one report line per file, bad files skipped."""
@@ -357,7 +357,7 @@ class Studio:
     def _params(self, prompt, negative, seed, steps, sampler, guidance, size, adapters) -> dict:
         return {"prompt": prompt, "negative_prompt": negative or "", "steps": steps, "sampler": sampler,
                 "cfg_scale": float(guidance), "seed": seed, "width": size[0], "height": size[1], "model": self.model,
-                "adapters": [{"name": n, "scale": v, "hash": self._hashes.get(n)} for n, v in adapters.items()],
+                "adapters": [{"name": n, "scale": v, "hash": file_hash(self._sources.get(n))} for n, v in adapters.items()],
                 "version": __version__}
 
     @staticmethod
