@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -54,8 +55,12 @@ class SparseDelta:
         """Raise :class:`AdapterError` unless this delta is safe to scatter into a weight of ``shape``.
 
         ``indices_checked`` skips the order and range scan for indices that are sorted, unique and
-        in range by construction (the file decoder guarantees it).
+        in range by construction (the file decoder guarantees it). A delta that passed once and
+        whose tensors are the same objects, not modified in place since (their version counters
+        say so), is not scanned again: loading a file and staging it checks its values once.
         """
+        if self._still_valid():
+            return
 
         def fail(problem: str) -> None:
             raise AdapterError(f"{key}: {problem}")
@@ -78,6 +83,20 @@ class SparseDelta:
         lo, hi = torch.aminmax(val)  # one pass; NaN and +-inf both surface in the extremes
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             fail("non-finite values (nan or inf)")
+        self._stamp = (weakref.ref(idx), idx._version, weakref.ref(val), val._version, self.shape)
+
+    _stamp = None  # what the last successful validate saw; unannotated, so not a dataclass field
+
+    def __getstate__(self) -> dict:  # weak references do not pickle; a copy is checked afresh
+        return {k: v for k, v in self.__dict__.items() if k != "_stamp"}
+
+    def _still_valid(self) -> bool:
+        if self._stamp is None:
+            return False
+        idx_ref, idx_version, val_ref, val_version, shape = self._stamp
+        idx, val = self.indices, self.values
+        return (idx_ref() is idx and val_ref() is val and idx._version == idx_version
+                and val._version == val_version and shape == self.shape)
 
     def _check_order_and_range(self, fail) -> None:
         idx = self.indices

@@ -63,9 +63,10 @@ def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     Returns int32 indices where ``numel`` fits (every SDXL weight: half the memory of int64 and
     what the adapter store keeps), else int64.
 
-    Index ``k`` ends at unit ``p_k``: it is the sum of the units up to there, plus ``cap`` for each
-    zero unit before it (``p_k - k`` of them), minus one. So one cumulative sum over the units and
-    one gather at the non-zero units decode it; no mask is filled or compacted.
+    A zero unit stands for ``cap`` and ends no index; a non-zero unit ``r`` adds ``r`` and ends
+    one. So with zero units replaced by ``cap`` (and one subtracted from the first unit), index
+    ``k`` is the cumulative sum at the ``k``-th non-zero unit: one fill, one cumulative sum and
+    one compaction, no per-index arithmetic after it.
     """
     if packed.dtype != torch.uint8 or packed.dim() != 2 or not 1 <= packed.shape[1] <= 8:
         raise IndexCodecError(
@@ -74,19 +75,24 @@ def decode(packed: torch.Tensor, count: int, numel: int) -> torch.Tensor:
         )
     groups, bits = packed.shape
     cap = (1 << bits) - 1
+    if groups * 8 > numel + 7:  # every unit advances at least one entry; 7 more are padding
+        raise IndexCodecError(f"index stream of {groups * 8} units is too long for a weight of {numel} entries")
     padded = torch.zeros(groups, 8, dtype=torch.uint8)
     padded[:, :bits] = packed
     units = (padded.view(torch.int64) >> _SHIFTS[bits]).bitwise_and_(cap).view(-1)
-    ends = units.nonzero().view(-1)
-    if ends.numel() != count:
-        raise IndexCodecError(f"indices/values length mismatch: {ends.numel()} indices for {count} values")
+    ends = units != 0
     if not count:
+        if bool(ends.any()):
+            raise IndexCodecError(f"indices/values length mismatch: {int(ends.sum())} indices for 0 values")
         return torch.empty(0, dtype=torch.int32)
-    # int64 while summing: a stream of zero units could overflow a narrower running sum
-    last = int(units[: int(ends[-1]) + 1].sum()) + cap * (int(ends[-1]) - count + 1) - 1
-    if last >= numel:
-        raise IndexCodecError(f"index out of range: {last} >= {numel} entries")
-    dtype = index_dtype(numel)  # the largest index is `last`, below numel
-    indices = torch.cumsum(units, 0, dtype=dtype)[ends]
-    zeros_before = ends.sub_(torch.arange(count, dtype=torch.int64))  # p_k - k
-    return indices.add_(zeros_before.to(dtype), alpha=cap).sub_(1)
+    units.masked_fill_(ends.logical_not(), cap)
+    units[0] -= 1
+    # the running sum is at most cap per unit: narrow it only where that cannot wrap (a hostile
+    # stream of zero units included); the range check below then holds for the true sum
+    dtype = torch.int32 if groups * 8 * cap < 2**31 else torch.int64
+    indices = torch.masked_select(torch.cumsum(units, 0, dtype=dtype), ends)
+    if indices.numel() != count:
+        raise IndexCodecError(f"indices/values length mismatch: {indices.numel()} indices for {count} values")
+    if int(indices[-1]) >= numel:
+        raise IndexCodecError(f"index out of range: {int(indices[-1])} >= {numel} entries")
+    return indices.to(index_dtype(numel))

@@ -8,10 +8,11 @@ log of exactly what it overwrote, and puts that back.
 * Restoring writes the saved originals back (``index_copy_`` / ``copy_``); nothing is ever
   subtracted, so no round-off accumulates in any dtype. If the model moved (model offload puts
   the UNet on the GPU for a call and back), the originals follow the weight to its device.
-* Fusing sums the scaled deltas in fp32 (or wider) in adapter-name order into a dense scratch of
-  the weight's size (``index_copy_`` then ``index_add_``: each adapter's indices are unique, so this is deterministic
-  on CUDA too), adds them to the originals and casts once: the same bits whether a set is new or
-  was written before, with no per-set layouts to build or cache.
+* Fusing sums the scaled deltas in fp32 (or wider) in adapter-name order through a scratch of
+  the weight's size (each member reads the running sum at its entries, adds, writes it back; each
+  adapter's indices are unique, so this is deterministic on CUDA too), adds them to the originals
+  and casts once: the same bits whether a set is new or was written before, with no per-set
+  layouts to build or cache.
 * A write is transactional: everything is checked before the first write, and an error part-way
   puts every touched weight back to the previous set's exact values.
 * Under accelerate's offload hooks (``enable_sequential_cpu_offload``: parameters on ``meta``
@@ -255,20 +256,37 @@ class WeightWriter:
             undo.records.append((m.name, k, orig))
         if len(members) == 1:
             m, (_, _, orig), idx = members[0], undo.records[0], indices[0]
-            delta = self._delta(m, idx.numel(), acc, device)
-            put(flat, idx, self._cast(self._plus(orig, delta, acc), flat.dtype))
+            put(flat, idx, self._written(m, orig, idx.numel(), acc))
             return
-        # the deltas' sum in `acc` at every member's entries: the first member's deltas are copied
-        # in (0 + d == d), the others' entries zeroed and then added to, in name order
+        # Each member's write holds the deltas' running sum, in name order, at its entries: the
+        # first member's deltas go into the scratch, each later member reads the scratch at its
+        # entries (zeroed first, so entries no earlier member wrote read 0), adds its deltas and
+        # writes the sum back for the members after it. Members write the weight in name order, so
+        # an entry shared by several ends with the last one's value: the sum of all of them.
+        # Same bits as a dense fp32 sum in name order, with no union and no index_add_.
         scratch = self._scratch_for(device, acc, flat.numel())
         for idx in indices[1:]:
             scratch.index_fill_(0, idx, 0)
-        scratch.index_copy_(0, indices[0], self._delta(members[0], indices[0].numel(), acc, device))
-        for m, idx in zip(members[1:], indices[1:]):
-            scratch.index_add_(0, idx, self._delta(m, idx.numel(), acc, device))
-        for (_, _, orig), idx in zip(undo.records, indices):
-            summed = torch.index_select(scratch, 0, idx, out=ws.buf("sum", idx.numel(), acc, device))
-            put(flat, idx, self._cast(self._plus(orig, summed, acc), flat.dtype))
+        first = self._delta(members[0], indices[0].numel(), acc, device)
+        scratch.index_copy_(0, indices[0], first)
+        put(flat, indices[0], self._cast(self._plus(undo.records[0][2], first, acc), flat.dtype))
+        for i, (m, idx) in enumerate(zip(members[1:], indices[1:]), start=1):
+            running = torch.index_select(scratch, 0, idx, out=ws.buf("sum", idx.numel(), acc, device))
+            running.add_(self._delta(m, idx.numel(), acc, device))
+            if i < len(members) - 1:
+                scratch.index_copy_(0, idx, running)
+            put(flat, idx, self._cast(self._plus(undo.records[i][2], running, acc), flat.dtype))
+
+    def _written(self, m: Member, orig: torch.Tensor, n: int, acc: torch.dtype) -> torch.Tensor:
+        """What one sparse member writes: ``orig + scale * values`` in ``acc``, cast once. At scale 1
+        with values in the weight's dtype that is one ``add`` in that dtype: PyTorch computes 16-bit
+        adds in fp32 and rounds once, so the bits are the same as the fp32 path's, in one pass."""
+        values = m.entry.values
+        if m.scale == 1.0 and values.dtype == orig.dtype:
+            if values.device != orig.device:
+                values = self._ws.buf("upload", n, values.dtype, orig.device).copy_(values, non_blocking=True)
+            return torch.add(orig, values, out=self._ws.buf("cast", n, orig.dtype, orig.device))
+        return self._cast(self._plus(orig, self._delta(m, n, acc, orig.device), acc), orig.dtype)
 
     def _delta(self, m: Member, n: int, acc: torch.dtype, device: torch.device) -> torch.Tensor:
         """``scale * values`` of a sparse member in ``acc`` (never the stored tensor modified)."""

@@ -138,15 +138,40 @@ def test_codec_decodes_to_int32_where_the_weight_fits_and_int64_beyond():
     assert big.dtype == torch.int64 and big.tolist() == idx.tolist()
 
 
-def test_codec_rejects_a_stream_whose_sum_would_wrap_a_32_bit_index():
-    """8-bit units of 255 sum past 2**31 long before their count is reached: the range check runs
-    in 64 bits first, so a wrapped (negative or small) running sum can never pass as an index."""
-    units = 2**31 // 255 + 8
-    packed = torch.full((units // 8, 8), 255, dtype=torch.uint8)
-    with pytest.raises(index_codec.IndexCodecError, match="index out of range"):
-        index_codec.decode(packed, units // 8 * 8, 2**20)
+def test_codec_rejects_streams_too_long_or_summing_past_the_weight():
+    """More units than the weight has entries cannot be a valid stream. 8-bit units of 255, as
+    many as the weight has entries, sum past 2**31: the sum runs in 64 bits whenever it could
+    wrap 32, so a wrapped (negative or small) running sum can never pass as an index."""
+    with pytest.raises(index_codec.IndexCodecError, match="too long for a weight of 1048576 entries"):
+        index_codec.decode(torch.full((2**17 + 1, 8), 255, dtype=torch.uint8), 2**20 + 8, 2**20)
+    numel = 2**24
+    with pytest.raises(index_codec.IndexCodecError, match="index out of range: 4278190079 >= 16777216"):
+        index_codec.decode(torch.full((numel // 8, 8), 255, dtype=torch.uint8), numel, numel)
     with pytest.raises(index_codec.IndexCodecError, match="length mismatch: 3 indices for 4 values"):
         index_codec.decode(index_codec.encode(torch.tensor([1, 2, 3])), 4, 10)
+    with pytest.raises(index_codec.IndexCodecError, match="length mismatch: 3 indices for 0 values"):
+        index_codec.decode(index_codec.encode(torch.tensor([1, 2, 3])), 0, 10)
+    assert index_codec.decode(torch.zeros(1, 3, dtype=torch.uint8), 0, 10).numel() == 0
+
+
+def test_a_validated_delta_is_checked_again_only_once_changed():
+    import pickle
+
+    d = SparseDelta(torch.tensor([1, 3]), torch.tensor([1.0, 2.0]), (4,))
+    d.validate()
+    assert d._still_valid()  # staging a just-loaded adapter does not scan it again
+    d.values[0] = float("nan")  # in place: the version counter moves
+    with pytest.raises(AdapterError, match="non-finite"):
+        d.validate()
+    d.values = torch.tensor([1.0, 2.0])
+    d.validate()
+    d.indices = torch.tensor([3, 1])  # a new tensor object
+    with pytest.raises(AdapterError, match="not sorted"):
+        d.validate()
+    d.indices = torch.tensor([1, 3])
+    d.validate()
+    copy = pickle.loads(pickle.dumps(d))
+    assert not copy._still_valid() and torch.equal(copy.values, d.values)
 
 
 def test_codec_rejects_unsorted_input():

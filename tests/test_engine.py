@@ -62,6 +62,36 @@ def test_fuse_sums_overlapping_deltas_in_fp32_and_casts_once():
     assert live == (w0 + (d0 * 0.7 + d1 * -1.3)).half()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_overlap_of_three_fused_adapters_and_the_one_pass_single_write_match_the_reference(dtype):
+    """Three adapters whose indices cover all seven regions of their Venn diagram, with values
+    whose fp32 sum rounds differently from a 16-bit running sum; and one adapter at scale 1, which
+    the writer adds in the weight's own dtype: both give the fp32-sum-cast-once values, and
+    restore gives the base's bits back (signed zeros included)."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 32).to(dtype) * torch.logspace(-6, 3, 32).to(dtype)  # mixed magnitudes
+    base.view(-1)[:4] = torch.tensor([0.0, -0.0, 65000.0 if dtype == torch.float16 else 1e30, 1e-7]).to(dtype)
+    key = "unet.proj"
+    region = torch.arange(128) % 8  # 0: none, then the seven non-empty subsets of {a, b, c}
+    members = {name: torch.nonzero((region & bit) != 0).view(-1) for name, bit in (("a", 1), ("b", 2), ("c", 4))}
+    adapters = {}
+    for i, (name, idx) in enumerate(members.items()):
+        values = (torch.randn(idx.numel(), generator=torch.Generator().manual_seed(i)) * 10.0 ** (i - 2)).to(dtype)
+        values[:2] = torch.tensor([-0.0, 3e-3]).to(dtype)
+        adapters[name] = SparseAdapter({key: SparseDelta(idx, values, (4, 32))})
+    module = torch.nn.Linear(32, 4, bias=False).to(dtype)
+    module.weight.data.copy_(base)
+    engine = ShiraEngine({"unet": torch.nn.ModuleDict({"proj": module})})
+    for name, adapter in adapters.items():
+        engine.stage(name, adapter)
+    for scales in ({"a": 1.0}, {"c": 1.0}, {"a": 0.3, "b": -1.7}, {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.7, "b": 0.05, "c": -2.0}):
+        engine.apply(scales)
+        want = reference_weights({key: base}, adapters, scales)[key]
+        assert torch.equal(module.weight.data, want), scales  # every rounding (an exact zero's sign aside)
+    engine.restore()
+    assert torch.equal(module.weight.data.view(-1).view(torch.uint8), base.view(-1).view(torch.uint8))
+
+
 def test_zero_scale_is_the_base_and_scale_changes_reuse_indices():
     unet, engine, adapters = make_setup()
     base = snapshot(unet)
