@@ -76,7 +76,12 @@ def _put(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> 
 class _Workspace:
     """Reused buffers for a write's transient tensors (int64 indices, fp32 sums, casts) and a pool
     of the originals a restore gave back: fresh allocations of this size cost page faults that
-    are as slow as the scatter itself on a CPU. Emptied at the end of every write."""
+    are as slow as the scatter itself on a CPU. The pool is emptied at the end of every write.
+    The buffers, sized by the largest weight's entries (a few MB for SDXL adapters), are kept
+    between writes on the host, where fresh memory means page faults again, up to ``KEEP_BYTES``;
+    device buffers go back to PyTorch's caching allocator, which reuses them without that cost."""
+
+    KEEP_BYTES = 64 * 2**20
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
@@ -103,8 +108,14 @@ class _Workspace:
         return free.pop() if free else torch.empty(n, dtype=dtype, device=device)
 
     def clear(self) -> None:
-        self._bufs.clear()
+        self._bufs = {k: b for k, b in self._bufs.items() if b.device.type == "cpu"}
+        if self.nbytes > self.KEEP_BYTES:
+            self._bufs.clear()
         self._pool.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes(b) for b in self._bufs.values())
 
 
 class WeightWriter:

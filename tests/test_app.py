@@ -8,7 +8,7 @@ import torch
 
 from shira_diffusion.app.cli import parse_args
 from shira_diffusion.app.studio import NONE, Studio, build_ui, load_pipeline
-from shira_diffusion import SparseAdapter, find_targets
+from shira_diffusion import AdapterError, SparseAdapter, find_targets
 from shira_diffusion.testing import random_adapter, tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,36 @@ def test_no_flags_opens_on_the_demo_model_with_its_adapters(monkeypatch, capsys)
     assert "Built-in demo model" in studio.label
     assert studio.adapters == sorted(p.stem for p in ADAPTERS_DIR.glob("*.safetensors")) and len(studio.adapters) == 18
     assert "loaded sks-shira-rand from sks-shira-rand.safetensors" in capsys.readouterr().out
+
+
+def test_memory_budget_flags_reach_the_engine_and_refuse_what_does_not_fit(monkeypatch, tmp_path):
+    import shira_diffusion.app.cli as app_cli
+    import shira_diffusion.app.studio as app_studio
+    from shira_diffusion.testing import kohya_lora_file
+
+    launched = {}
+
+    class Page:
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    monkeypatch.setattr(app_studio, "build_ui", lambda studio: launched.setdefault("studio", studio) and Page())
+    app_cli.main(["--model", "tiny", "--adapters-dir", "", "--max-adapters-mb", "1", "--max-backup-mb", "0"])
+    studio = launched["studio"]
+    engine = studio.switcher.engine
+    assert engine.store.max_bytes == 2**20 and engine.writer.max_backup_bytes == 0
+    weights = find_targets(studio.switcher.pipe, ["unet"])
+    small = random_adapter(weights, "rand", density=0.01, seed=1).save(tmp_path / "small.safetensors")
+    big = random_adapter(weights, "rand", density=0.9, seed=2).save(tmp_path / "big.safetensors")
+    lora = kohya_lora_file(tmp_path / "lora.safetensors", seed=3)
+    lines = studio.scan(tmp_path)
+    assert any("over the store's budget of 1,048,576" in line and "big" in line for line in lines), lines
+    assert sorted(studio.adapters) == ["lora", "small"]
+    before = {k: v.clone() for k, v in weights.items()}
+    with pytest.raises(AdapterError, match="over the budget of 0"):  # a LoRA needs full-weight copies for exact restore
+        studio.run("a red square", steps=1, adapters={"lora": 1.0})
+    assert all(torch.equal(weights[k], before[k]) for k in weights) and studio.switcher.get_active_adapters() == []
+    assert studio.run("a red square", steps=1, adapters={"small": 1.0}).images  # SHiRA needs no copies
 
 
 def test_single_file_checkpoint_must_be_safetensors(tmp_path):

@@ -204,3 +204,39 @@ def test_separate_unet_and_text_encoder_strengths():
     assert sw.engine.active == {"a": 0.7}
     sw.set_adapters(None)
     assert all(torch.equal(w.detach(), base[k]) for k, w in weights.items())
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_state_lives_where_the_weights_and_the_store_say(monkeypatch, device):
+    """Placement with the weights' device as a parameter. On a CPU-only machine ``meta`` stands in
+    for a GPU (data-free, so the writer's refusal of meta weights is lifted for this test only):
+    loaded adapters stay on the host, the undo log of the active set lives on the weights' device
+    and is all that does, and the accounting says so; after a restore nothing is left there."""
+    from shira_diffusion import ShiraEngine, SparseAdapter, SparseDelta
+    from shira_diffusion.writer import WeightWriter
+
+    if device == "meta":
+        monkeypatch.setattr(WeightWriter, "_checked", staticmethod(lambda key, tensor: tensor.detach().view(-1)))
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(16, 8, bias=False, device=device), "b": torch.nn.Linear(16, 8, bias=False, device=device)})
+    engine = ShiraEngine({"unet": model}, pin=False)
+    adapters = {name: SparseAdapter({f"unet.{m}": SparseDelta(torch.arange(s, 128, 4), torch.full((len(range(s, 128, 4)),), 0.5), (8, 16))
+                                     for m in ("a", "b")}) for s, name in ((0, "x"), (1, "y"))}
+    for name, adapter in adapters.items():
+        engine.stage(name, adapter)
+    entries = 2 * 32  # per adapter: two weights of 32 entries
+    compact = entries * (4 + 4)  # int32 index + fp32 value
+    for entry in engine.store.get("x").entries.values():
+        assert entry.indices.device.type == "cpu" and entry.values.device.type == "cpu"
+    assert engine.memory() == {n: {"host_bytes": compact, "device_bytes": 0} for n in ("x", "y")}
+    engine.apply({"x": 1.0, "y": 0.5})
+    on_device = entries * 4 + (entries * 4 if device != "cpu" else 0)  # originals, plus indices uploaded to a device
+    for undo in engine.writer._undo.values():
+        for _, idx, orig in undo.records:
+            assert orig.device.type == device and idx.device.type == device and idx.dtype == torch.int32
+    held = {"host_bytes": compact + (on_device if device == "cpu" else 0), "device_bytes": on_device if device != "cpu" else 0}
+    assert engine.memory() == {"x": held, "y": held}
+    engine.apply("y")
+    assert engine.memory()["x"] == {"host_bytes": compact, "device_bytes": 0}  # no longer active: nothing on the device
+    engine.restore()
+    assert engine.memory() == {n: {"host_bytes": compact, "device_bytes": 0} for n in ("x", "y")}
+    assert engine.writer._undo == {}
