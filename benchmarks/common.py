@@ -23,13 +23,16 @@ def clock(fn) -> float:
     return time.perf_counter() - start
 
 
-def median(fn, repeats: int, before=None, after=None) -> float:
-    """Median seconds of ``fn()``; ``before``/``after`` run untimed around each call."""
+def median(fn, repeats: int, before=None, after=None, warmup: int = 0) -> float:
+    """Median seconds of ``fn()``; ``before``/``after`` run untimed around each call; the first
+    ``warmup`` calls are not counted (first-touch page faults, lazy initialisation)."""
     samples = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
         if before:
             before()
-        samples.append(clock(fn))
+        took = clock(fn)
+        if i >= warmup:
+            samples.append(took)
         if after:
             after()
     return statistics.median(samples)

@@ -83,9 +83,13 @@ class SparseDelta:
         lo, hi = torch.aminmax(val)  # one pass; NaN and +-inf both surface in the extremes
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             fail("non-finite values (nan or inf)")
-        self._stamp = (weakref.ref(idx), idx._version, weakref.ref(val), val._version, self.shape)
+        self._mark_valid()
 
     _stamp = None  # what the last successful validate saw; unannotated, so not a dataclass field
+
+    def _mark_valid(self) -> None:
+        idx, val = self.indices, self.values
+        self._stamp = (weakref.ref(idx), idx._version, weakref.ref(val), val._version, self.shape)
 
     def __getstate__(self) -> dict:  # weak references do not pickle; a copy is checked afresh
         return {k: v for k, v in self.__dict__.items() if k != "_stamp"}
@@ -112,7 +116,13 @@ class SparseDelta:
             fail(f"index out of range: {first if first < 0 else last} not in [0, {self.numel})")
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseDelta":
-        return SparseDelta(self.indices.to(device), self.values.to(device=device, dtype=dtype), self.shape)
+        idx, val = self.indices.to(device), self.values.to(device=device, dtype=dtype)
+        if idx is self.indices and val is self.values:
+            return self
+        out = SparseDelta(idx, val, self.shape)
+        if val.dtype == self.values.dtype and self._still_valid():  # a move copies checked values exactly
+            out._mark_valid()
+        return out
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The delta as a dense tensor of ``shape`` (for analysis; the engine never densifies)."""

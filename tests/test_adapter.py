@@ -154,12 +154,14 @@ def test_codec_rejects_streams_too_long_or_summing_past_the_weight():
     assert index_codec.decode(torch.zeros(1, 3, dtype=torch.uint8), 0, 10).numel() == 0
 
 
-def test_a_validated_delta_is_checked_again_only_once_changed():
+def test_a_validated_delta_is_checked_again_only_once_changed(tmp_path):
     import pickle
 
     d = SparseDelta(torch.tensor([1, 3]), torch.tensor([1.0, 2.0]), (4,))
     d.validate()
     assert d._still_valid()  # staging a just-loaded adapter does not scan it again
+    loaded = SparseAdapter.load(SparseAdapter({"unet.w": d}).save(tmp_path / "a.safetensors"))
+    assert all(x._still_valid() for x in loaded.deltas.values())  # the file reader's checks count
     d.values[0] = float("nan")  # in place: the version counter moves
     with pytest.raises(AdapterError, match="non-finite"):
         d.validate()
@@ -170,6 +172,7 @@ def test_a_validated_delta_is_checked_again_only_once_changed():
         d.validate()
     d.indices = torch.tensor([1, 3])
     d.validate()
+    assert d.to("cpu") is d and d.to(dtype=torch.float64)._still_valid() is False  # a cast may overflow: checked again
     copy = pickle.loads(pickle.dumps(d))
     assert not copy._still_valid() and torch.equal(copy.values, d.values)
 
