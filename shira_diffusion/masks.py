@@ -46,31 +46,52 @@ def _top_k(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(score.reshape(-1).float(), k, sorted=False).indices.sort().values
 
 
-def _struct_count(rows: int, cols: int, f: int) -> int:
+def _struct_offset(f: int, shift: tuple[float, float]) -> tuple[int, int]:
+    return (int(shift[0] * f), int(shift[1] * f)) if f else (0, 0)
+
+
+def _struct_count(rows: int, cols: int, f: int, shift: tuple[float, float] = (0.0, 0.0)) -> int:
     d = min(rows, cols)
     if f == 0:
         return d
-    r, c = -(-rows // f), -(-cols // f)
-    return r * cols + c * rows - r * c + (d - -(-d // f))
+    r0, c0 = _struct_offset(f, shift)
+    r, c = len(range(r0, rows, f)), len(range(c0, cols, f))
+    on_grid = len(range(r0, d, f)) + (len(range(c0, d, f)) if c0 != r0 else 0)  # diagonal entries already in
+    return r * cols + c * rows - r * c + d - on_grid
 
 
-def struct_stride(rows: int, cols: int, k: int) -> int:
+def struct_stride(rows: int, cols: int, k: int, shift: tuple[float, float] = (0.0, 0.0)) -> int:
     """Smallest stride ``f`` whose rows + columns + diagonal pattern fits in ``k`` entries.
 
-    ``0`` means only the diagonal fits (budgets below about one row plus one column).
+    ``0`` means only the diagonal fits (budgets below about one row plus one column). ``shift``
+    moves the grid (see :func:`struct_shift`).
     """
     for f in (*range(1, max(rows, cols) + 1), 0):
-        if _struct_count(rows, cols, f) <= k:
+        if _struct_count(rows, cols, f, shift) <= k:
             return f
     raise ValueError(f"a struct mask on a {rows}x{cols} weight needs at least {min(rows, cols)} entries; budget is {k}")
 
 
-def struct_mask(rows: int, cols: int, f: int) -> torch.Tensor:
-    """Every ``f``-th row, every ``f``-th column and the main diagonal: sparse but full rank."""
+def struct_shift(seed: int) -> tuple[float, float]:
+    """Where a seed puts the struct grid, as fractions of the stride for its rows and columns.
+
+    Adapters trained with different mask seeds then use different rows and columns, so they
+    overlap little when fused (the point of sparse adapters); seed 0 is the unshifted grid.
+    """
+    if seed == 0:
+        return (0.0, 0.0)
+    g = torch.Generator().manual_seed(seed)
+    return tuple(float(u) for u in torch.rand(2, generator=g, dtype=torch.float64))
+
+
+def struct_mask(rows: int, cols: int, f: int, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """Every ``f``-th row and column (from the offset ``shift`` gives) and the main diagonal:
+    sparse but full rank."""
     keep = torch.zeros(rows, cols, dtype=torch.bool)
     if f:
-        keep[::f, :] = True
-        keep[:, ::f] = True
+        r0, c0 = _struct_offset(f, shift)
+        keep[r0::f, :] = True
+        keep[:, c0::f] = True
     diag = torch.arange(min(rows, cols))
     keep[diag, diag] = True
     return keep.view(-1).nonzero().view(-1)
@@ -99,7 +120,8 @@ def make_mask(
         return torch.randperm(math.prod(shape), generator=g)[:k].sort().values
     if kind == "struct":
         rows, cols = _rows_cols(shape)
-        return struct_mask(rows, cols, struct_stride(rows, cols, k))
+        shift = struct_shift(seed)
+        return struct_mask(rows, cols, struct_stride(rows, cols, k, shift), shift)
     w = weight.detach().to("cpu")
     if kind in ("grad", "snip"):
         if scores is None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from shira_diffusion import budget, calibration_scores, make_mask, make_masks
-from shira_diffusion.masks import struct_mask, struct_stride
+from shira_diffusion.masks import make_masks, struct_mask, struct_shift, struct_stride
 
 
 def weight(rows=48, cols=80, seed=0):
@@ -122,6 +122,31 @@ def test_struct_is_rows_columns_and_diagonal_within_budget(shape, rank):
         return
     assert keep[::f, :].all() and keep[:, ::f].all()
     assert idx.numel() == keep[::f, :].numel() + keep[:, ::f].numel() - keep[::f, ::f].numel() + (min(rows, cols) - len(range(0, min(rows, cols), f)))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 80), (80, 48), (640, 2048), (37, 53)])
+def test_struct_grid_moves_with_the_seed_within_budget(shape):
+    """A seeded struct mask is the same rows/columns/diagonal pattern, its grid shifted: exact
+    count, within budget, whole rows and columns, and two seeds share few entries."""
+    rows, cols = shape
+    k = budget(shape, rank=4)
+    masks = []
+    for seed in (1, 2, 3):
+        shift = struct_shift(seed)
+        f = struct_stride(rows, cols, k, shift)
+        idx = make_mask(torch.zeros(shape), "struct", rank=4, seed=seed)
+        assert torch.equal(idx, struct_mask(rows, cols, f, shift)) and idx.numel() <= k
+        keep = torch.zeros(rows * cols, dtype=torch.bool)
+        keep[idx] = True
+        keep = keep.view(rows, cols)
+        r0, c0 = int(shift[0] * f), int(shift[1] * f)
+        assert keep[r0::f, :].all() and keep[:, c0::f].all() and keep[torch.arange(min(shape)), torch.arange(min(shape))].all()
+        masks.append(idx)
+    assert struct_shift(0) == (0.0, 0.0) and struct_shift(1) == struct_shift(1) != struct_shift(2)
+    overlap = torch.isin(masks[0], masks[1]).float().mean()
+    assert overlap < 0.6, overlap  # the unshifted grids of two seeds overlap 100 %
+    per_key = make_masks({"unet.a": torch.zeros(shape), "unet.b": torch.zeros(shape)}, "struct", rank=4, seed=5)
+    assert not torch.equal(per_key["unet.a"], per_key["unet.b"])  # each weight its own shift
 
 
 def test_struct_is_high_rank():
