@@ -28,10 +28,10 @@ def test_defaults_bind_locally_and_do_not_share():
         parse_args(["--auth", "nocolon"])
 
 
-def test_no_flags_opens_on_the_demo_model_with_its_adapters(monkeypatch, capsys):
+def start(monkeypatch, argv: list[str]) -> dict:
+    """Run the studio's ``main`` with the page's launch caught: ``{"studio": ..., **launch kwargs}``."""
     import shira_diffusion.app.cli as app_cli
     import shira_diffusion.app.studio as app_studio
-    from shira_diffusion.demo.model import ADAPTERS_DIR
 
     launched = {}
 
@@ -40,7 +40,14 @@ def test_no_flags_opens_on_the_demo_model_with_its_adapters(monkeypatch, capsys)
             launched.update(kwargs)
 
     monkeypatch.setattr(app_studio, "build_ui", lambda studio: launched.setdefault("studio", studio) and Page())
-    app_cli.main([])
+    app_cli.main(argv)
+    return launched
+
+
+def test_no_flags_opens_on_the_demo_model_with_its_adapters(monkeypatch, capsys):
+    from shira_diffusion.demo.model import ADAPTERS_DIR
+
+    launched = start(monkeypatch, [])
     studio = launched["studio"]
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False
     assert "Built-in demo model" in studio.label
@@ -49,19 +56,9 @@ def test_no_flags_opens_on_the_demo_model_with_its_adapters(monkeypatch, capsys)
 
 
 def test_memory_budget_flags_reach_the_engine_and_refuse_what_does_not_fit(monkeypatch, tmp_path):
-    import shira_diffusion.app.cli as app_cli
-    import shira_diffusion.app.studio as app_studio
     from shira_diffusion.testing import kohya_lora_file
 
-    launched = {}
-
-    class Page:
-        def launch(self, **kwargs):
-            launched.update(kwargs)
-
-    monkeypatch.setattr(app_studio, "build_ui", lambda studio: launched.setdefault("studio", studio) and Page())
-    app_cli.main(["--model", "tiny", "--adapters-dir", "", "--max-adapters-mb", "1", "--max-backup-mb", "0"])
-    studio = launched["studio"]
+    studio = start(monkeypatch, ["--model", "tiny", "--adapters-dir", "", "--max-adapters-mb", "1", "--max-backup-mb", "0"])["studio"]
     engine = studio.switcher.engine
     assert engine.store.max_bytes == 2**20 and engine.writer.max_backup_bytes == 0
     weights = find_targets(studio.switcher.pipe, ["unet"])
