@@ -10,6 +10,10 @@ It writes one JSON (after every section, so a failure part-way keeps what was me
   loaded adapter holds;
 * ``denoise``: one UNet step (one denoising step; text encoding is outside it) at 1024x1024, batch
   1 and 4: base vs SHiRA applied vs LoRA unfused vs LoRA fused;
+* ``exactness``: on the tiny SDXL-layout UNet, on the device, in fp16 and bf16: one adapter at
+  strength 1 (written with one add in the weight's dtype), a fused triple at odd strengths with
+  overlapping entries, and the restore, each compared with the dense fp32-sum-cast-once reference
+  computed on the CPU (values equal; restore bit-exact);
 * ``training``: one training step at 1024x1024, gradient checkpointing, bf16, text encoders out of
   the picture: peak allocated memory and step time of ours (``rand`` and ``struct`` masks) vs
   PEFT LoRA at equal trainable parameters (``training_memory.py``'s worker, one process each).
@@ -172,6 +176,33 @@ def bench_denoise(unet, weights, folder: Path, args) -> dict:
     return out
 
 
+def check_exactness(device: torch.device) -> dict:
+    """What the engine writes on ``device`` against :func:`reference_weights` on the CPU."""
+    from shira_diffusion.testing import reference_weights
+
+    out = {}
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        unet = tiny_sdxl_unet(seed=0).to(dtype)
+        base = {f"unet.{k.removesuffix('.weight')}": v.clone() for k, v in unet.state_dict().items() if k.endswith(".weight")}
+        weights = find_targets({"unet": unet})
+        adapters = {f"a{i}": random_adapter(weights, "rand", density=0.3, seed=i + 1, dtype=dtype, std=0.5) for i in range(3)}
+        torch.nn.Module.to(unet, device=device)
+        engine = ShiraEngine({"unet": unet})
+        for key, adapter in adapters.items():
+            engine.stage(key, adapter)
+        row = {}
+        for label, scales in (("single", {"a0": 1.0}), ("fused", {"a0": 0.7, "a1": -1.3, "a2": 0.05})):
+            engine.apply(scales)
+            want = reference_weights(base, adapters, scales)
+            live = {f"unet.{k.removesuffix('.weight')}": v.cpu() for k, v in unet.state_dict().items() if k.endswith(".weight")}
+            row[label] = all(torch.equal(live[k], want.get(k, base[k])) for k in live)
+        engine.restore()
+        row["restore_bit_exact"] = all(torch.equal(v.cpu().view(torch.int16), base[f"unet.{k.removesuffix('.weight')}"].view(torch.int16))
+                                       for k, v in unet.state_dict().items() if k.endswith(".weight"))
+        out[name] = row
+    return out
+
+
 def bench_training(args) -> dict:
     """``training_memory.py``'s worker, one process per configuration: each peak is its own."""
     runs = {}
@@ -197,8 +228,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--sections", nargs="+", default=["switching", "denoise", "training"],
-                        choices=["switching", "denoise", "training"])
+    parser.add_argument("--sections", nargs="+", default=["exactness", "switching", "denoise", "training"],
+                        choices=["exactness", "switching", "denoise", "training"])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -222,6 +253,8 @@ def main(argv=None) -> dict:
         save()
         print(name, json.dumps(results[name])[:400], flush=True)
 
+    if "exactness" in args.sections:
+        section("exactness", lambda: check_exactness(device))
     dtype = torch.float32 if args.reduced else torch.float16
     unet = tiny_sdxl_unet(seed=0) if args.reduced else sdxl_unet(dtype, device=device)
     torch.nn.Module.to(unet, device=device, dtype=dtype)

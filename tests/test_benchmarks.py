@@ -66,6 +66,7 @@ def test_gpu_check_runs_its_whole_code_path_on_a_cpu(tmp_path):
     run("gpu_check.py", "--device", "cpu", "--reduced", "--repeats", "1", "--ranks", "16", "--out", str(tmp_path / "g.json"))
     data = json.loads((tmp_path / "g.json").read_text())
     assert not [k for k, v in data.items() if isinstance(v, dict) and "error" in v]
+    assert data["exactness"] == {d: {"single": True, "fused": True, "restore_bit_exact": True} for d in ("fp16", "bf16")}
     switching = data["switching_r16"]
     assert switching["ours"]["accounting_inactive"] == {"a": {"host_bytes": 196608, "device_bytes": 0},
                                                         "b": {"host_bytes": 196608, "device_bytes": 0}}
