@@ -43,7 +43,8 @@ class Reference:
         self.path = folder / "reference.safetensors"
         save_file({k.removeprefix("unet.") + ".weight": w.detach().contiguous() for k, w in weights.items()}, str(self.path))
         with open(self.path, "rb") as f:  # out of the page cache: only the drift checks read it, and 2-4 GB of it
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # would crowd the timed runs
+            os.fsync(f.fileno())  # would crowd the timed runs (only written-back pages can be dropped)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def items(self):
         from safetensors import safe_open

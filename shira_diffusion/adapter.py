@@ -89,6 +89,8 @@ class SparseDelta:
 
     def _mark_valid(self) -> None:
         idx, val = self.indices, self.values
+        if idx.is_inference() or val.is_inference():  # no version counter to trust: checked every time
+            return
         self._stamp = (weakref.ref(idx), idx._version, weakref.ref(val), val._version, self.shape)
 
     def __getstate__(self) -> dict:  # weak references do not pickle; a copy is checked afresh

@@ -200,7 +200,6 @@ class Replica:
         # (kernels pick their blocking by the batch's size, so a 3-image call and a 1-image call
         # round differently); measured bit-identical across batch mates and positions on CPU
         self.batch_size, self.exact = max(1, int(batch_size)), exact
-        self.default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         self._last_use: dict[str, float] = {}
         self._lock = threading.RLock()  # staging and rendering, one at a time
 
@@ -263,31 +262,10 @@ class Replica:
         return [out[i] for i in range(len(requests))]
 
     def _png(self, r: GenerateRequest, image) -> bytes:
-        from .app.pnginfo import with_parameters
+        from .app.pnginfo import adapter_records, params, png_bytes
 
-        with_parameters(image, self._params(r))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=_pnginfo(image))
-        return buffer.getvalue()
-
-    def _params(self, r: GenerateRequest) -> dict:
-        from . import __version__
-        from .app.pnginfo import file_hash
-
-        return {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "steps": r.steps, "sampler": type(self.pipe.scheduler).__name__,
-                "cfg_scale": r.guidance, "seed": r.seed, "width": r.width, "height": r.height, "model": self.model,
-                "adapters": [{"name": n, "scale": s, "hash": file_hash(self.available.get(n))} for n, s in r.adapters],
-                "version": __version__}
-
-
-def _pnginfo(image):
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    for key, value in image.info.items():
-        if isinstance(key, str) and isinstance(value, str):
-            info.add_text(key, value)
-    return info
+        return png_bytes(image, params(r.prompt, r.negative_prompt, r.seed, r.steps, type(self.pipe.scheduler).__name__, r.guidance,
+                                       r.width, r.height, self.model, adapter_records(r.adapters, self.available)))
 
 
 # ---- Ray Serve ------------------------------------------------------------------------------------
@@ -327,10 +305,6 @@ def deployments(max_batch_size: int = 4, batch_wait_s: float = 0.05, max_sets_pe
         async def render(self, requests: list[GenerateRequest]) -> list[bytes]:
             return await asyncio.to_thread(self.replica.render, requests)
 
-        def info(self) -> dict:
-            return {"replica": self.name, "staged": self.replica.switcher.engine.staged,
-                    "bytes": self.replica.switcher.engine.store.nbytes}
-
     @serve.deployment(name="ShiraIngress")
     @serve.ingress(api)
     class ShiraIngress:
@@ -350,14 +324,15 @@ def deployments(max_batch_size: int = 4, batch_wait_s: float = 0.05, max_sets_pe
                 r = GenerateRequest.from_json(await request.body(), self.available, self.default_size)
             except RequestError as err:
                 return Response(json.dumps({"error": str(err)}), status_code=err.status, media_type="application/json")
-            handle = self.model.options(multiplexed_model_id=r.set_id) if self.affinity else self.model
+            sid = r.set_id
+            handle = self.model.options(multiplexed_model_id=sid) if self.affinity else self.model
             result, attempts = await _with_one_retry(lambda: handle.generate.remote(asdict(r)))
             if result is None:
                 return Response(json.dumps({"error": "the replica serving this request died, and so did the retry"}), status_code=503,
                                 media_type="application/json")
             return Response(result["png"], media_type="image/png",
                             headers={"X-Shira-Replica": result["replica"], "X-Shira-Staged": "1" if result["staged"] else "0",
-                                     "X-Shira-Set": r.set_id, "X-Shira-Attempts": str(attempts)})
+                                     "X-Shira-Set": sid, "X-Shira-Attempts": str(attempts)})
 
     return ShiraModel, ShiraIngress
 
@@ -365,16 +340,12 @@ def deployments(max_batch_size: int = 4, batch_wait_s: float = 0.05, max_sets_pe
 async def _with_one_retry(call) -> tuple[Any, int]:
     """``(result, attempts)``: a call whose replica died is made once more (Serve routes it to a
     live replica); ``(None, 2)`` when that one dies too."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError  # ActorUnavailableError (a restarting replica) is one
 
-    try:
-        from ray.exceptions import ActorUnavailableError
-    except ImportError:  # older Ray
-        ActorUnavailableError = RayActorError  # noqa: N806
     for attempt in (1, 2):
         try:
             return await call(), attempt
-        except (RayActorError, ActorUnavailableError):
+        except RayActorError:
             continue
     return None, 2
 

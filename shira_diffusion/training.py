@@ -19,6 +19,7 @@ The optimizer and DDP only see the values; the values stay fp32 whatever dtype t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from torch import nn
 
 from .adapter import SparseAdapter, SparseDelta
 from .index_codec import index_dtype
+from .store import nbytes
 from .targets import pipeline_components, resolve_module
 
 
@@ -91,7 +93,7 @@ class _Slices:
 
 class _Mask:
     """A layer's mask, held for the whole run in 2 bytes per entry where it can be: each entry's
-    column as int16 plus one int32 start per row (the weight flattened to ``(rows, cols)``), and
+    column as int16 plus one int32 count per row (the weight flattened to ``(rows, cols)``), and
     expanded to flat int64 indices only while a forward or a backward uses them (one layer's at a
     time). A weight with 2**15 columns or more, or on the meta device, keeps int32 flat indices."""
 
@@ -109,7 +111,7 @@ class _Mask:
         self.counts = torch.bincount(idx // cols, minlength=rows).to(torch.int32).to(device)
 
     def flat(self) -> torch.Tensor:
-        """The sorted flat indices (int64), built now."""
+        """The sorted flat indices, built now (int64; the int32 ones kept for wide or meta weights)."""
         if self.flat_indices is not None:
             return self.flat_indices
         device = self.col.device
@@ -118,8 +120,7 @@ class _Mask:
 
     @property
     def nbytes(self) -> int:
-        held = [t for t in (self.flat_indices, self.col, self.counts) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+        return nbytes(*(t for t in (self.flat_indices, self.col, self.counts) if t is not None))
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -201,7 +202,7 @@ def mask_bytes(module: nn.Module) -> int:
     slices = getattr(module, "shira_slices", None)
     held = [getattr(module, "shira_base", None), *((slices.rows, slices.cols, slices.diag, slices.gather) if slices is not None else ())]
     mask = getattr(module, "shira_mask", None)
-    return sum(t.numel() * t.element_size() for t in held if t is not None) + (mask.nbytes if mask is not None else 0)
+    return nbytes(*(t for t in held if t is not None)) + (mask.nbytes if mask is not None else 0)
 
 
 class SparseTraining:
@@ -252,7 +253,7 @@ class SparseTraining:
             self._base_dir = Path(tempfile.mkdtemp(prefix="shira_base_", dir=base_dir))
             self._base_file = self._base_dir / "base.safetensors"
             save_file(bases, str(self._base_file))
-            weakref.finalize(self, shutil.rmtree, self._base_dir, ignore_errors=True)  # also when a run ends without remove()
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._base_dir, ignore_errors=True)  # also without remove()
 
     def parameters(self) -> list[nn.Parameter]:
         return [m.shira_values for m in self.modules.values()]
@@ -263,14 +264,23 @@ class SparseTraining:
 
     def base(self, key: str) -> torch.Tensor:
         """The base weight's values at ``key``'s mask, on the weight's device."""
-        module = self.modules[key]
-        held = getattr(module, "shira_base", None)
-        if held is not None:
-            return held
+        with self._bases() as base:
+            return base(key)
+
+    @contextlib.contextmanager
+    def _bases(self):
+        """``base(key)`` for many keys with the temporary file opened (and its header read) once."""
         from safetensors import safe_open
 
-        with safe_open(str(self._base_file), framework="pt") as f:
-            return f.get_tensor(key).to(module.weight.device)
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(safe_open(str(self._base_file), framework="pt")) if self._base_file is not None else None
+
+            def base(key: str) -> torch.Tensor:
+                module = self.modules[key]
+                held = getattr(module, "shira_base", None)
+                return held if held is not None else f.get_tensor(key).to(module.weight.device)
+
+            yield base
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -282,26 +292,29 @@ class SparseTraining:
     def export(self, metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> SparseAdapter:
         """The trained adapter: per weight, ``trained - original`` at the mask (fp32 unless ``dtype``)."""
         deltas = {}
-        for key, m in self.modules.items():
-            delta = m.shira_values.detach().float() - self.base(key).float()
-            deltas[key] = SparseDelta(m.shira_mask.flat().cpu(), delta.to(dtype or torch.float32).cpu(), tuple(m.weight.shape))
+        with self._bases() as base:
+            for key, m in self.modules.items():
+                delta = m.shira_values.detach().float() - base(key).float()
+                deltas[key] = SparseDelta(m.shira_mask.flat().cpu(), delta.to(dtype or torch.float32).cpu(), tuple(m.weight.shape))
         return SparseAdapter(deltas, dict(metadata or {}))
 
     @torch.no_grad()
     def load_values(self, adapter: SparseAdapter) -> None:
         """Set the values to ``original + delta`` (resuming from an exported adapter)."""
-        for key, m in self.modules.items():
-            d = adapter.deltas[key]
-            if not torch.equal(d.indices.long().to(m.weight.device), m.shira_mask.flat()):
-                raise ValueError(f"{key}: adapter mask differs from the training mask")
-            m.shira_values.copy_(self.base(key).float() + d.values.to(m.shira_values))
+        with self._bases() as base:
+            for key, m in self.modules.items():
+                d = adapter.deltas[key]
+                if not torch.equal(d.indices.long().to(m.weight.device), m.shira_mask.flat()):
+                    raise ValueError(f"{key}: adapter mask differs from the training mask")
+                m.shira_values.copy_(base(key).float() + d.values.to(m.shira_values))
         self.sync_weights()
 
     @torch.no_grad()
     def remove(self) -> None:
         """Restore the base weights exactly and detach from the modules."""
-        for key, m in self.modules.items():
-            m.weight.view(-1).index_put_((m.shira_mask.flat(),), self.base(key))
+        with self._bases() as base:
+            for key, m in self.modules.items():
+                m.weight.view(-1).index_put_((m.shira_mask.flat(),), base(key))
         for m in self.modules.values():
             del m.forward
             del m.shira_values
@@ -310,5 +323,5 @@ class SparseTraining:
                 del m.shira_base
         self.modules = {}
         if self._base_file is not None:
-            shutil.rmtree(self._base_dir, ignore_errors=True)
+            self._cleanup()  # the temporary base file, now
             self._base_file = None

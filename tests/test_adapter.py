@@ -173,6 +173,10 @@ def test_a_validated_delta_is_checked_again_only_once_changed(tmp_path):
     d.indices = torch.tensor([1, 3])
     d.validate()
     assert d.to("cpu") is d and d.to(dtype=torch.float64)._still_valid() is False  # a cast may overflow: checked again
+    with torch.inference_mode():  # inference tensors have no version counter: checked each time, never refused
+        made = SparseDelta(torch.tensor([1, 3]), torch.tensor([1.0, 2.0]), (4,))
+    made.validate()
+    assert not made._still_valid()
     copy = pickle.loads(pickle.dumps(d))
     assert not copy._still_valid() and torch.equal(copy.values, d.values)
 

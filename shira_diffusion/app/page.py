@@ -120,7 +120,8 @@ def build_ui(studio: Studio):
     def send(params):
         if not params:
             raise gr.Error("Drop a PNG with generation parameters first.")
-        adapters = [a for a in params.get("adapters") or [] if a.get("name") in names()]
+        loaded = set(studio.switcher.engine.staged)  # one lock-free read, not one list_adapters() per name
+        adapters = [a for a in params.get("adapters") or [] if a.get("name") in loaded]
         missing = [a["name"] for a in params.get("adapters") or [] if a not in adapters]
         out = [params.get("prompt", ""), params.get("negative_prompt", ""), params.get("seed", 0), params.get("steps", 20),
                params.get("cfg_scale", 5.0), params.get("width") or default_size, params.get("height") or default_size,

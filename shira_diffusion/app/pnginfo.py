@@ -63,11 +63,46 @@ def a1111_text(p: dict) -> str:
     return "\n".join(lines)
 
 
+def params(prompt: str, negative: str | None, seed: int, steps: int, sampler: str, guidance: float, width: int, height: int,
+           model: str, adapters: list[dict]) -> dict:
+    """The parameters one image records (what both chunks carry). ``adapters`` as
+    :func:`adapter_records` makes them, once per generation."""
+    from .. import __version__
+
+    return {"prompt": prompt, "negative_prompt": negative or "", "steps": steps, "sampler": sampler, "cfg_scale": float(guidance),
+            "seed": seed, "width": width, "height": height, "model": model, "adapters": adapters, "version": __version__}
+
+
+def adapter_records(adapters, sources) -> list[dict]:
+    """``[{name, scale, hash}]`` for ``adapters`` (``{name: scale}`` or ``(name, scale)`` pairs),
+    hashing the files ``sources`` names."""
+    items = adapters.items() if isinstance(adapters, dict) else adapters
+    return [{"name": n, "scale": v, "hash": file_hash(sources.get(n))} for n, v in items]
+
+
+def _chunks(p: dict) -> dict[str, str]:
+    return {"parameters": a1111_text(p), CHUNK: json.dumps(p, sort_keys=True)}
+
+
 def with_parameters(image: Image.Image, p: dict) -> Image.Image:
-    """``image`` carrying ``p`` as both chunks (Gradio and PIL keep text chunks when saving PNG)."""
-    image.info["parameters"] = a1111_text(p)
-    image.info[CHUNK] = json.dumps(p, sort_keys=True)
+    """``image`` carrying ``p`` as both chunks in ``image.info``, which Gradio writes into the
+    PNGs it serves."""
+    image.info.update(_chunks(p))
     return image
+
+
+def png_bytes(image: Image.Image, p: dict) -> bytes:
+    """``image`` as PNG bytes with ``p`` as both chunks (PIL writes text only through ``pnginfo``)."""
+    import io
+
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in _chunks(p).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def read_parameters(source: str | Path | Image.Image) -> dict:

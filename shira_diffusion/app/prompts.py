@@ -16,7 +16,6 @@ import re
 from ..adapter import COMPONENTS
 
 TAG = re.compile(r"<(?:lora|shira):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
-WEIGHTING = re.compile(r"\([^()]*:\s*-?\d+(?:\.\d+)?\s*\)")
 A1111_GROUP = re.compile(r"\(([^()\[\]]*?)(?::\s*(-?\d+(?:\.\d+)?))?\s*\)|\[([^()\[\]]*)\]")
 TEXT_TOKENS = 75  # CLIP's 77 minus the start and end markers
 

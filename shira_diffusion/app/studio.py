@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .. import COMPONENTS, AdapterError, ShiraPipelineSwitcher, __version__
+from .. import COMPONENTS, AdapterError, ShiraPipelineSwitcher
 from ..loading import DEMO, TINY, load_pipeline as load_shira_pipeline
-from .pnginfo import file_hash, with_parameters
+from .pnginfo import adapter_records, params as pnginfo_params, with_parameters
 from .prompts import PromptError, adapter_tags, encode, has_compel, needs_encoding, notes as prompt_notes
 from .samplers import Samplers
 
@@ -281,7 +281,8 @@ class Studio:
             raise
         took = time.perf_counter() - start - switch_ms / 1000
         size = images[0].size if images else (width, height)
-        params = [self._params(prompt, negative, s, steps, sampler_name, guidance, size, adapters) for s in seeds]
+        records = adapter_records(adapters, self._sources)  # the files hashed once per run, not per image
+        params = [pnginfo_params(prompt, negative, s, steps, sampler_name, guidance, *size, self.model, records) for s in seeds]
         images = [with_parameters(image, p) for image, p in zip(images, params)]
         which = " + ".join(f"{k} x{_strength(v)}" for k, v in adapters.items()) or "base model"
         status = f"{which}: switch {switch_ms:.1f} ms, generation {took:.2f} s"
@@ -353,12 +354,6 @@ class Studio:
             torch.cuda.empty_cache()
         return (f"Out of memory at {width}x{height} with {batch_size} image(s) per batch: try a smaller size or batch size, "
                 "or start the studio with --offload model.")
-
-    def _params(self, prompt, negative, seed, steps, sampler, guidance, size, adapters) -> dict:
-        return {"prompt": prompt, "negative_prompt": negative or "", "steps": steps, "sampler": sampler,
-                "cfg_scale": float(guidance), "seed": seed, "width": size[0], "height": size[1], "model": self.model,
-                "adapters": [{"name": n, "scale": v, "hash": file_hash(self._sources.get(n))} for n, v in adapters.items()],
-                "version": __version__}
 
     @staticmethod
     def requested(mode: str, swap_name: str | None, swap_scale: float, fuse: list, swap_te: float | None = None,
