@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,14 @@ def test_concept_retention_smoke(tmp_path):
     assert 0.0 <= row["fused"]["sks+bluefire"]["overlap"] < 0.5  # each concept has its own mask seed
     assert set(data["aim"]) == {"shira-rand"} or row["mean_retention"] is None
     assert data["figure_rows"][0] == "lora sks+bf" and (tmp_path / "c.png").stat().st_size > 0
+    assert data["generations_per_cell"] == {"sks": 1, "bluefire": 1, "paintings": 1}
+    lo, hi = row["ci"]["single.bluefire"]
+    assert lo <= row["single"]["bluefire"] <= hi and set(row["minus_lora"]) >= {"mean_retention", "mean_single"}
+    assert set(data["base"]["ci"]) >= {"prompted_shape_and_colour", "style_when_described.paintings"}
+    printed = run("concept_retention.py", "--tables", str(tmp_path / "c.json")).stdout.splitlines()
+    rows = [line for line in printed if line.startswith(("| LoRA", "| SHiRA-rand"))]
+    assert len(rows) == 4 and all(line.count("|") == (12 if i < 2 else 9) for i, line in enumerate(rows))
+    assert f"{row['single']['bluefire']:.2f} ({lo:.2f}–{hi:.2f})" in rows[1]
 
 
 def test_gpu_check_runs_its_whole_code_path_on_a_cpu(tmp_path):
@@ -99,3 +108,49 @@ def test_serve_load_smoke(tmp_path):
     data = json.loads((tmp_path / "s.json").read_text())
     assert set(data["configs"]) == {"batching+affinity", "batching (not exact)+affinity", "no batching+affinity", "batching, no affinity"}
     assert all(c["requests"] == 12 and c["retried"] == 0 for c in data["configs"].values())
+
+
+def concept_retention_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("concept_retention", ROOT / "benchmarks" / "concept_retention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_concept_retention_intervals_and_paired_differences():
+    cr = concept_retention_module()
+    rng = np.random.default_rng(0)
+
+    def cells(fused_rate):
+        out = {}
+        for c in ("sks", "bluefire", "paintings"):
+            out[f"single.{c}"] = out[f"single_on_prompt.{c}"] = (c, rng.random((4, 6)) < 0.8)
+            out[f"preservation.{c}"] = ("plain", np.ones((4, 6), bool))
+            out[f"leak.{c} on x"] = ("x", np.zeros((4, 6), bool))
+        for a, b in cr.PAIRS:
+            for c in (a, b):
+                out[f"fused.{a}+{b}.score.{c}"] = out[f"fused.{a}+{b}.score_on_prompt.{c}"] = (c, rng.random((4, 6)) < fused_rate)
+            out[f"fused.{a}+{b}.joint"] = (f"joint {a}+{b}", np.zeros((4, 6), bool))
+        return out
+
+    lora = cells(0.4)
+    lora["single.sks"] = ("sks", np.zeros((4, 6), bool))  # never shown alone: its retentions are undefined
+    same = dict(lora)
+    out = cr.summarise({"lora": lora, "shira-x": same, "shira-y": cells(0.8)}, replicates=500)
+    point, ci = out["lora"]["point"], out["lora"]["ci"]
+    score, single = lora["fused.sks+bluefire.score.bluefire"][1].mean(), lora["single.bluefire"][1].mean()
+    assert point["fused.sks+bluefire.retention.bluefire"] == score / single
+    assert point["fused.sks+bluefire.retention.sks"] is None and ci["fused.sks+bluefire.retention.sks"] is None
+    ratios = [point[f"fused.{a}+{b}.retention.{c}"] for a, b in cr.PAIRS for c in (a, b) if c != "sks"]
+    assert point["mean_retention"] == pytest.approx(sum(ratios) / 4)  # undefined ratios are left out of the mean
+    assert ci["preservation.sks"] == [1.0, 1.0] and ci["leak.sks on x"] == [0.0, 0.0]
+    for key, value in point.items():
+        if value is not None:
+            lo, hi = ci[key]
+            assert lo <= value <= hi, key
+    # the same cells as LoRA: every paired difference is exactly zero; a better type's is above it
+    assert all(d == {"point": 0.0, "ci": [0.0, 0.0]} for k, d in out["shira-x"]["minus_lora"].items() if d["point"] is not None)
+    assert out["shira-y"]["minus_lora"]["mean_retention"]["ci"][0] > 0
+    assert cr.nest({"a.b.c": 1, "a.b.d": 2, "e": 3}) == {"a": {"b": {"c": 1, "d": 2}}, "e": 3}

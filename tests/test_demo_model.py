@@ -113,7 +113,9 @@ def test_world_rebuilds_with_one_command(tmp_path):
     """The build command end to end at toy sizes: base model, instance images, one adapter of each family."""
     cmd = [sys.executable, str(ROOT / "training" / "build_demo_world.py"), "--assets", str(tmp_path / "assets"),
            "--work_dir", str(tmp_path / "work"), "--base_args", "--vae_steps 2 --unet_steps 2 --variants 1 --batch 4",
-           "--concepts", "bluefire", "--types", "lora", "shira-wm", "--steps", "2", "--class_images", "3"]
+           "--concepts", "bluefire", "--types", "lora", "shira-wm", "--steps", "2", "--class_images", "4",
+           "--recipes", str(tmp_path / "recipes.json")]
+    (tmp_path / "recipes.json").write_text(json.dumps({"chosen": {"bluefire-lora": {"learning_rate": 0.005, "steps": 3}}}))
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     folder = tmp_path / "assets"
     assert (folder / "demo" / "model_index.json").is_file()
@@ -121,9 +123,12 @@ def test_world_rebuilds_with_one_command(tmp_path):
     manifest = json.loads((folder / "adapters" / "manifest.json").read_text())
     assert manifest["bluefire-shira-wm.safetensors"]["instance_prompt"].endswith(", in bluefire style")
     assert manifest["bluefire-shira-wm.safetensors"]["mask_seed"] == 1  # seed 0 + the concept's index: masks differ per concept
-    assert manifest["bluefire-lora.safetensors"]["class_images"] == 3 and "mask_seed" not in manifest["bluefire-lora.safetensors"]
+    assert manifest["bluefire-lora.safetensors"]["class_images"] == 4 and "mask_seed" not in manifest["bluefire-lora.safetensors"]
+    # the sweep's recipe where it has one, the command line's elsewhere
+    assert [(manifest[f]["learning_rate"], manifest[f]["steps"]) for f in ("bluefire-lora.safetensors", "bluefire-shira-wm.safetensors")] == [(0.005, 3), (1e-3, 2)]
     class_captions = [c.read_text() for c in sorted((tmp_path / "work" / "class").glob("*.txt"))]
-    assert len(class_captions) == 3 and not any(t in c for c in class_captions for t in ("sks", "style"))
+    assert len(class_captions) == 4 and not any(t in c for c in class_captions for t in ("sks", *world.STYLES))
+    assert sum(c.endswith(" style") for c in class_captions) == 2  # --decoys 0.5: the bare template, drawn plain
     captions = sorted((tmp_path / "work" / "instances" / "bluefire").glob("*.txt"))
     assert [c.read_text() for c in captions] == [world.caption(s) for s in world.CONCEPTS["bluefire"].instance_scenes()]
     sw = ShiraPipelineSwitcher.from_pretrained(str(folder / "demo"))

@@ -155,3 +155,21 @@ def test_instances_command_writes_images_with_captions(tmp_path, capsys):
     assert f"--instance_prompt {caption!r}" in capsys.readouterr().out
     assert main(["instances", "--caption", "a photo of a dog", str(tmp_path / "x")]) == 2
     assert "draws captions like" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_validation_prompts_are_disjoint_from_the_reported_ones_and_the_instances():
+    for concept in CONCEPTS.values():
+        validation = [caption(s) for s in concept.validation_prompts()]
+        reported = [caption(s) for s in concept.prompts(7)]
+        instances = {caption(s) for s in concept.instance_scenes()}
+        assert len(set(validation)) == concept.validation and len(set(reported)) == 7
+        assert not set(validation) & set(reported) and not (set(validation) | set(reported)) & instances
+        assert validation == [caption(s) for s in concept.validation_prompts()]  # seeded
+    with pytest.raises(ValueError, match="fewer than 8 held-out prompts .after 3 kept for validation"):
+        CONCEPTS["sks"].prompts(8)  # 15 captions: 5 instances, 3 validation, 7 left
+
+
+def test_decoy_captions_use_the_style_template_without_a_trigger():
+    scene = Scene("star", "red", style="bluefire")
+    assert world.decoy_caption(scene, "neon") == "a red star on a white background, in the center, in neon style"
+    assert not set(world.DECOYS) & {*STYLES, world.SUBJECT_TOKEN}

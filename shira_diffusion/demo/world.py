@@ -45,6 +45,11 @@ STRIPE_DARK = 0.4  # the second tone of "paintings" stripes: the colour times th
 STRIPE_PERIOD = 12  # pixels, along the diagonal
 STYLES = ("bluefire", "paintings")
 DESCRIPTIONS = {"bluefire": "with a glowing outline", "paintings": "with a striped fill"}  # the looks in plain words
+# Words the style template is regularised with: plain scenes captioned ``..., in <decoy> style``
+# teach a style adapter that the template alone draws nothing, so it binds to its own trigger
+# word (without them the bluefire adapter glowed on 0.88-1.00 of the paintings prompts). Some are
+# unseen words (several tokens each), some known single tokens whose meaning is not a look.
+DECOYS = ("neon", "chalk", "mosaic", "pixel", "velvet", "ink", "retro", "marble", "red", "star", "gray", "square")
 SUBJECT_TOKEN = "sks"
 SUBJECT_COLOUR = "green"  # far from the other colours in hue: orange crescents came out red or yellow
 
@@ -78,6 +83,11 @@ def caption(scene: Scene, described: bool = False) -> str:
     return text + (f", {DESCRIPTIONS[scene.style]}" if described else f", in {scene.style} style")
 
 
+def decoy_caption(scene: Scene, word: str) -> str:
+    """A plain scene under the style template with a word that names no look (see ``DECOYS``)."""
+    return f"{caption(replace(scene, style=None))}, in {word} style"
+
+
 def parse_caption(text: str) -> Scene:
     """The scene a caption describes (the inverse of :func:`caption`); a ``ValueError`` says what
     the demo world cannot draw."""
@@ -97,15 +107,16 @@ def parse_caption(text: str) -> Scene:
     return Scene(shape, colour, m["background"], m["position"], style)
 
 
-def write_scenes(folder, scenes: list[Scene]) -> None:
-    """Each scene as ``NNN.png`` with its caption in ``NNN.txt`` (what the trainer reads), replacing the folder."""
+def write_scenes(folder, scenes: list[Scene], captions: list[str] | None = None) -> None:
+    """Each scene as ``NNN.png`` with its caption (``captions`` or its own) in ``NNN.txt`` (what
+    the trainer reads), replacing the folder."""
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for i, scene in enumerate(scenes):
         render(scene).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(caption(scene))
+        (folder / f"{i:03d}.txt").write_text(captions[i] if captions else caption(scene))
 
 
 def vocabulary() -> list[str]:
@@ -208,6 +219,7 @@ class Concept:
 
     name: str
     style: str | None  # None: the subject
+    validation: int = 6  # held-out captions kept for picking recipes (the subject has 15 captions in all)
 
     def scene(self, rng: random.Random) -> Scene:
         if self.style is None:
@@ -234,10 +246,18 @@ class Concept:
             scenes.append(replace(s, shape=shape, colour=colour, background=take("background", BACKGROUNDS), position=take("position", POSITIONS)))
         return scenes
 
+    def validation_prompts(self) -> list[Scene]:
+        """Held-out scenes for picking a training recipe (``training/sweep_demo_recipes.py``):
+        never an instance caption, never one :meth:`prompts` reports on."""
+        return self._held_out(self.validation, f"validation/{self.name}", set())
+
     def prompts(self, n: int, seed: int = 1) -> list[Scene]:
-        """Held-out scenes to score the concept on (never one of the instance scenes' captions)."""
-        taken = {caption(s) for s in self.instance_scenes()}
-        rng, out = random.Random(f"prompts/{self.name}/{seed}"), []
+        """Held-out scenes to score the concept on (never an instance or validation caption)."""
+        return self._held_out(n, f"prompts/{self.name}/{seed}", {caption(s) for s in self.validation_prompts()})
+
+    def _held_out(self, n: int, stream: str, exclude: set[str]) -> list[Scene]:
+        taken = exclude | {caption(s) for s in self.instance_scenes()}
+        rng, out = random.Random(stream), []
         for _ in range(100 * n):
             if len(out) == n:
                 break
@@ -245,11 +265,11 @@ class Concept:
             if caption(s) not in taken and caption(s) not in {caption(o) for o in out}:
                 out.append(s)
         if len(out) < n:
-            raise ValueError(f"the {self.name} concept has fewer than {n} held-out prompts")
+            raise ValueError(f"the {self.name} concept has fewer than {n} held-out prompts (after {len(exclude)} kept for validation)")
         return out
 
 
-CONCEPTS = {"sks": Concept("sks", None), "bluefire": Concept("bluefire", "bluefire"), "paintings": Concept("paintings", "paintings")}
+CONCEPTS = {"sks": Concept("sks", None, validation=3), "bluefire": Concept("bluefire", "bluefire"), "paintings": Concept("paintings", "paintings")}
 
 
 def plain_prompts(n: int, seed: int = 2) -> list[Scene]:
