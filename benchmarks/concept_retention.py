@@ -25,7 +25,7 @@ validation prompts ``training/sweep_demo_recipes.py`` picked the learning rates 
 record is copied into the JSON (``recipes``).
 
     python benchmarks/concept_retention.py                       # ~25 min on 2 CPU cores
-    python benchmarks/concept_retention.py --seeds 1 --prompts 2 --steps 4 --out /tmp/cr.json   # smoke run
+    python benchmarks/concept_retention.py --seeds 1 --other_seeds 1 --prompts 2 --steps 4 --out /tmp/cr.json   # smoke run
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters_dir", type=Path, default=ADAPTERS_DIR)
     p.add_argument("--types", nargs="+", default=list(TYPES))
-    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=16, help="seeds per prompt for the scores retention divides (single and fused)")
+    p.add_argument("--other_seeds", type=int, default=4, help="seeds per prompt for preservation, leak, joint and the base model")
     p.add_argument("--prompts", type=int, default=6, help="held-out prompts per concept (and plain prompts); the subject has 7 "
                    "besides its instance and validation captions")
     p.add_argument("--base_prompts", type=int, default=100, help="plain prompts for the base model's accuracy")
@@ -165,24 +166,26 @@ def joint_caption(scene: world.Scene) -> str:
     return text + "".join(f", in {s} style" for s in styles)
 
 
-def type_cells(scorer: Scorer, sw, t: str, concept_prompts, plain) -> tuple[dict, dict]:
-    """One type's cells (adapters alone, each pair fused) and its pairs' weight-space numbers."""
+def type_cells(scorer: Scorer, few: Scorer, sw, t: str, concept_prompts, plain) -> tuple[dict, dict]:
+    """One type's cells (adapters alone, each pair fused) and its pairs' weight-space numbers.
+    ``scorer`` counts what retention divides (most seeds), ``few`` the rest; their cells are
+    different prompt sets for the bootstrap (``<concept> few``)."""
     name = {c: f"{c}-{t}" for c in world.CONCEPTS}
     cells, weights = {}, {}
     for c in world.CONCEPTS:
         single, strict = scorer.outcomes(concept_prompts[c], {name[c]: 1.0}, concept_seen(c), concept_on_prompt(c))
         cells[f"single.{c}"], cells[f"single_on_prompt.{c}"] = (c, single), (c, strict)
-        cells[f"preservation.{c}"] = ("plain", scorer.outcomes(plain, {name[c]: 1.0}, prompted_scene)[0])
+        cells[f"preservation.{c}"] = ("plain", few.outcomes(plain, {name[c]: 1.0}, prompted_scene)[0])
         for d in world.CONCEPTS:  # the concept showing up under another concept's trigger
             if d != c:
-                cells[f"leak.{c} on {d}"] = (d, scorer.outcomes(concept_prompts[d], {name[c]: 1.0}, concept_seen(c))[0])
+                cells[f"leak.{c} on {d}"] = (f"{d} few", few.outcomes(concept_prompts[d], {name[c]: 1.0}, concept_seen(c))[0])
     for a, b in PAIRS:
         fused, pair = {name[a]: 1.0, name[b]: 1.0}, f"{a}+{b}"
         for c in (a, b):
             score, strict = scorer.outcomes(concept_prompts[c], fused, concept_seen(c), concept_on_prompt(c))
             cells[f"fused.{pair}.score.{c}"], cells[f"fused.{pair}.score_on_prompt.{c}"] = (c, score), (c, strict)
         both = joint_scenes(a, b, len(plain))
-        joint = scorer.outcomes(both, fused, lambda r, s: concept_seen(a)(r, s) and concept_seen(b)(r, s), captions=[joint_caption(s) for s in both])[0]
+        joint = few.outcomes(both, fused, lambda r, s: concept_seen(a)(r, s) and concept_seen(b)(r, s), captions=[joint_caption(s) for s in both])[0]
         cells[f"fused.{pair}.joint"] = (f"joint {pair}", joint)
         weights[pair] = {k: v for k, v in interference(sw.get_adapter(name[a]), sw.get_adapter(name[b]))["aggregate"].items()
                          if k in ("overlap", "awom", "awor")}
@@ -208,21 +211,22 @@ def run(args) -> dict:
         for c in world.CONCEPTS:
             sw.load_adapter(args.adapters_dir / f"{c}-{t}.safetensors", adapter_name=f"{c}-{t}")
     scorer = Scorer(sw, args.seeds, args.steps, args.guidance, args.batch)
+    few = Scorer(sw, args.other_seeds, args.steps, args.guidance, args.batch)
     concept_prompts = {c: world.CONCEPTS[c].prompts(args.prompts) for c in world.CONCEPTS}
     plain = world.plain_prompts(args.prompts)
     start = time.perf_counter()
     base_scenes = world.plain_prompts(args.base_prompts, seed=3)
-    both, shape, colour = scorer.outcomes(base_scenes, None, Reading.shows, lambda r, s: r.shape == s.shape, lambda r, s: r.colour == s.colour)
+    both, shape, colour = few.outcomes(base_scenes, None, Reading.shows, lambda r, s: r.shape == s.shape, lambda r, s: r.colour == s.colour)
     base = {"prompted_shape_and_colour": ("base", both), "prompted_shape": ("base", shape), "prompted_colour": ("base", colour)}
     for c in world.CONCEPTS:
-        base[f"concept_without_adapter.{c}"] = (c, scorer.outcomes(concept_prompts[c], None, concept_seen(c))[0])
+        base[f"concept_without_adapter.{c}"] = (c, few.outcomes(concept_prompts[c], None, concept_seen(c))[0])
         if world.CONCEPTS[c].style:  # the looks the style adapters bind their triggers to, asked for in plain words
-            base[f"style_when_described.{c}"] = (c, scorer.outcomes(concept_prompts[c], None, concept_on_prompt(c), described=True)[0])
+            base[f"style_when_described.{c}"] = (f"{c} described", few.outcomes(concept_prompts[c], None, concept_on_prompt(c), described=True)[0])
     base_shares = shares(base)
     print(json.dumps({k: float(v) for k, v in base_shares.items()}), flush=True)
     cells, weights = {}, {}
     for t in types:
-        cells[t], weights[t] = type_cells(scorer, sw, t, concept_prompts, plain)
+        cells[t], weights[t] = type_cells(scorer, few, sw, t, concept_prompts, plain)
         sh = derived(shares(cells[t]))
         print(t, json.dumps({k: round(float(v), 3) for k, v in sh.items() if k.startswith("mean_")}), flush=True)
     summary = summarise(cells, args.bootstrap)
@@ -230,7 +234,7 @@ def run(args) -> dict:
     base_draws = {name: rng.integers(0, a.size, size=(args.bootstrap, a.size)) for name, a in base.values()}
     result = {
         "config": recorded_config(args),
-        "generations_per_cell": {c: args.seeds * len(p) for c, p in concept_prompts.items()},
+        "generations_per_cell": {c: args.seeds * len(p) for c, p in concept_prompts.items()},  # single and fused; the others: other_seeds x prompts
         "base": {**nest({k: float(v) for k, v in base_shares.items()}), "ci": {k: interval(v) for k, v in shares(base, base_draws).items()}},
         "types": {},
         "recipes": recipes(types),

@@ -59,6 +59,26 @@ class ImageEncoder:
         return torch.nn.functional.normalize(self.model(pixel_values=pixels).image_embeds.float(), dim=-1)
 
 
+class _EncodedOnce:
+    """An encoder that embeds each image object once per figure: the base and single-adapter
+    references are compared with every cell, and CLIP costs far more than the comparison. The
+    images are held, so an ``id`` is never reused while the figure is made."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder, self.seen = encoder, {}
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        new = list({id(im): im for im in images if id(im) not in self.seen}.values())
+        if new:
+            for im, e in zip(new, self.encoder(new)):
+                self.seen[id(im)] = (im, e)
+        return torch.stack([self.seen[id(im)][1] for im in images])
+
+
+def encoded_once(encoder):
+    return None if encoder is None else _EncodedOnce(encoder)
+
+
 def _pixels(image: Image.Image) -> torch.Tensor:
     return torch.tensor(list(image.convert("RGB").resize((64, 64)).getdata()), dtype=torch.float64).view(-1) / 255
 
@@ -159,7 +179,7 @@ def compare_sets(sw, prompt: str, adapters: list[str], seeds: list[int], adapter
     picture = grid(rows, [label for label, _ in columns], [f"seed {s}" for s in seeds])
     if not return_details:
         return picture
-    return picture, _details(sw, adapters, columns, per_seed, lora_pair, detector, encoder)
+    return picture, _details(sw, adapters, columns, per_seed, lora_pair, detector, encoded_once(encoder))
 
 
 def _kept(per_seed, names, fused, metric, encoder) -> dict[str, dict[str, float]]:
@@ -225,6 +245,7 @@ def xy_plot(sw, prompt: str, x: tuple[str, list], y: tuple[str, list], seed: int
     for name in names:
         sw.engine.store.get(name)  # KeyError naming the loaded ones
     metric = pick_metric(names, detector, encoder)
+    encoder = encoded_once(encoder)
     seeds = [int(v) for v in y_values] if y_name == SEED else [int(seed)]
 
     def render(adapters: dict, s: int):

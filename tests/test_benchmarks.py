@@ -49,7 +49,7 @@ def test_training_memory_smoke(tmp_path, precision):
 
 
 def test_concept_retention_smoke(tmp_path):
-    run("concept_retention.py", "--types", "lora", "shira-rand", "--seeds", "1", "--prompts", "1", "--base_prompts", "2",
+    run("concept_retention.py", "--types", "lora", "shira-rand", "--seeds", "1", "--other_seeds", "1", "--prompts", "1", "--base_prompts", "2",
         "--steps", "2", "--out", str(tmp_path / "c.json"))
     data = json.loads((tmp_path / "c.json").read_text())
     assert set(data["types"]) == {"lora", "shira-rand"}

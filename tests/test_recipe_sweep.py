@@ -27,7 +27,7 @@ def test_the_best_validation_score_wins_and_a_tie_goes_to_the_lower_rate():
 def test_sweep_trains_validates_records_and_installs(tmp_path):
     """End to end at toy size on the shipped demo base: 2 types x 2 learning rates, then resumed."""
     cmd = [sys.executable, str(ROOT / "training" / "sweep_demo_recipes.py"), "--concepts", "bluefire", "--types", "lora", "shira-rand",
-           "--learning_rates", "1e-3", "1e-2", "--steps", "2", "--seeds", "1", "--world_args", "--class_images 2",
+           "--learning_rates", "1e-2", "--also", "lora:1e-3", "shira-rand:1e-3", "--steps", "2", "--seeds", "1", "--world_args", "--class_images 2",
            "--work_dir", str(tmp_path / "work"), "--out", str(tmp_path / "recipes.json"), "--install", "--assets", str(tmp_path / "assets")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -277,7 +277,7 @@ def test_concept_figures_demo_detector_on_a_render():
 def test_image_embedding_concept_figure_with_a_local_clip(tmp_path):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from shira_diffusion.compare import ImageEncoder, concept_kept, pick_metric
+    from shira_diffusion.compare import ImageEncoder, concept_kept, encoded_once, pick_metric
 
     config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                               patch_size=8, projection_dim=8)
@@ -291,3 +291,14 @@ def test_image_embedding_concept_figure_with_a_local_clip(tmp_path):
     assert concept_kept(base, alone, alone, "embedding", encoder=encoder) == pytest.approx(1.0, abs=1e-6)
     assert concept_kept(base, alone, base, "embedding", encoder=encoder) == pytest.approx(0.0, abs=1e-6)
     assert concept_kept(base, alone, half, "embedding", encoder=encoder) != pytest.approx(0.0, abs=1e-6)
+    seen = []  # a figure embeds its references once, not once per cell
+
+    def counting(images):
+        seen.extend(images)
+        return encoder(images)
+
+    once = encoded_once(counting)
+    cells = [half, Image.blend(base, alone, 0.25), alone]
+    figures = [concept_kept(base, alone, c, "embedding", encoder=once) for c in cells]
+    assert figures == pytest.approx([concept_kept(base, alone, c, "embedding", encoder=encoder) for c in cells], abs=1e-5)
+    assert len(seen) == 4 and all(any(im is s for s in seen) for im in (base, alone, *cells[:2]))

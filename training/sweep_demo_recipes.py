@@ -1,6 +1,6 @@
 """Pick each demo adapter's learning rate on validation prompts, the same way for every method.
 
-    python training/sweep_demo_recipes.py                 # 3 concepts x 6 types x 4 lrs, 2 runs at a time (~75 min on 2 cores)
+    python training/sweep_demo_recipes.py                 # 3 concepts x 6 types x 4 lrs (+ LoRA at 3e-4), 2 at a time (~90 min on 2 cores)
     python training/sweep_demo_recipes.py --install       # ... and ship the chosen runs as the demo adapters
 
 Each (concept, type) is trained at every ``--learning_rates`` value with ``build_demo_world.py``'s
@@ -40,6 +40,8 @@ from shira_diffusion.demo.model import recorded_config  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--learning_rates", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    p.add_argument("--also", nargs="*", default=["lora:3e-4"], metavar="TYPE:LR",
+                   help="extra grid points for one type (LoRA wrecks the base from 1e-2 up, so its grid extends down; '--also' alone: none)")
     p.add_argument("--concepts", nargs="+", choices=list(world.CONCEPTS), default=list(world.CONCEPTS))
     p.add_argument("--types", nargs="+", choices=build.TYPES, default=list(build.TYPES))
     p.add_argument("--steps", type=int, default=600)
@@ -131,7 +133,8 @@ def main(argv=None) -> None:
     world_args = build.parse_args(["--work_dir", str(args.work_dir), "--assets", str(args.assets), "--concepts", *args.concepts,
                                    "--steps", str(args.steps), *args.world_args.split()])
     prepared = build.prepare(world_args)
-    grid = [(c, t, lr) for c in args.concepts for t in args.types for lr in args.learning_rates]
+    extra = [(kind, float(lr)) for kind, lr in (a.split(":") for a in args.also)]
+    grid = [(c, t, lr) for c in args.concepts for t in args.types for lr in sorted({*args.learning_rates, *(r for k, r in extra if k == t)})]
     start, runs = time.perf_counter(), []
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_one, args, world_args, prepared, *job) for job in grid]
