@@ -210,6 +210,8 @@ def run(args) -> dict:
     for t in types:
         for c in world.CONCEPTS:
             sw.load_adapter(args.adapters_dir / f"{c}-{t}.safetensors", adapter_name=f"{c}-{t}")
+    manifest_path = args.adapters_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     scorer = Scorer(sw, args.seeds, args.steps, args.guidance, args.batch)
     few = Scorer(sw, args.other_seeds, args.steps, args.guidance, args.batch)
     concept_prompts = {c: world.CONCEPTS[c].prompts(args.prompts) for c in world.CONCEPTS}
@@ -244,6 +246,7 @@ def run(args) -> dict:
         for pair, w in weights[t].items():
             row["fused"][pair].update(w)
         row["params"] = sw.list_adapters()[f"sks-{t}"]["params"]
+        row["learning_rate"] = {c: manifest.get(f"{c}-{t}.safetensors", {}).get("learning_rate") for c in world.CONCEPTS}
         row["ci"] = summary[t]["ci"]
         if "minus_lora" in summary[t]:
             row["minus_lora"] = summary[t]["minus_lora"]
@@ -271,6 +274,9 @@ def aim(rows: dict) -> dict:
             entry["retention_ge_lora_plus_0.1"] = lora["mean_retention"] is not None and row["mean_retention"] >= lora["mean_retention"] + 0.1
             entry["retention_intervals_apart"] = (None if ci["mean_retention"] is None or lo["mean_retention"] is None
                                                   else ci["mean_retention"][0] > lo["mean_retention"][1])
+            diff = row["minus_lora"]["mean_retention"]["ci"]  # the paired interval of SHiRA's minus LoRA's
+            entry["retention_difference_ci"] = diff
+            entry["retention_difference_above_0.1"] = None if diff is None else diff[0] > 0.1
         out[t] = entry
     return out
 
@@ -335,14 +341,13 @@ def tables(result: dict) -> str:
         lo, hi = d["ci"]
         return f"{d['point']:+.2f} ({lo:+.2f}–{hi:+.2f}){' *' if lo > 0 or hi < 0 else ''}"
 
-    lr = {k: v["learning_rate"] for k, v in result.get("recipes", {}).get("chosen", {}).items()}
     concepts = list(world.CONCEPTS)
     learn = ["| type | lr sks / bf / pt | single sks | bf | pt | on prompt sks | bf | pt | preservation | leak bf→pt | pt→bf |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fuse = ["| type | sks+bf: sks / bf | sks+pt: sks / pt | bf+pt: bf / pt | mean retention | minus LoRA | joint | overlap |",
             "|---|---|---|---|---|---|---|---|"]
     for t, row in result["types"].items():
-        rates = " / ".join(f"{lr[f'{c}-{t}']:g}" if f"{c}-{t}" in lr else "?" for c in concepts)
+        rates = " / ".join("?" if row.get("learning_rate", {}).get(c) is None else f"{row['learning_rate'][c]:g}" for c in concepts)
         learn.append(f"| {NAMES.get(t, t)} | {rates} | " + " | ".join(ci(row, f"single.{c}", row["single"][c]) for c in concepts) + " | "
                      + " | ".join(ci(row, f"single_on_prompt.{c}", row["single_on_prompt"][c]) for c in concepts)
                      + f" | {ci(row, 'mean_preservation', row['mean_preservation'])} | "

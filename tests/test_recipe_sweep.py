@@ -47,3 +47,11 @@ def test_sweep_trains_validates_records_and_installs(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished runs are reused, not retrained
     assert again.returncode == 0 and json.loads((tmp_path / "recipes.json").read_text())["runs"] == record["runs"]
     assert len(logs) == 4 and {p: p.stat().st_mtime_ns for p in logs} == logs
+
+
+def test_a_run_is_reused_only_for_the_same_command_and_validation_seeds():
+    cmd = ["python", "train.py", "--learning_rate", "0.001", "--num_class_images", "100"]
+    assert sweep.digest(cmd, 4) == sweep.digest(list(cmd), 4)
+    assert sweep.digest(cmd, 4) != sweep.digest(cmd, 8)
+    assert sweep.digest(cmd, 4) != sweep.digest([*cmd[:-1], "50"], 4)
+    assert sweep.digest(cmd, 4) == sweep.digest(["/other/python", *cmd[1:]], 4)  # not the interpreter's path

@@ -21,6 +21,7 @@ the other on two threads).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -81,10 +82,11 @@ def run_one(args, world_args, prepared, concept: str, kind: str, lr: float) -> d
     """Train (unless done before) and validate one run; its record is kept next to its files."""
     out = args.work_dir / "runs" / f"{concept}-{kind}-lr{lr:g}"
     record = out / "run.json"
-    if record.is_file():
-        return json.loads(record.read_text())
     data, prompt, mask_seed = prepared[concept]
     cmd, produced = build.train_command(world_args, args.base, concept, kind, data, prompt, mask_seed, out, lr, args.steps)
+    recipe = digest(cmd, args.seeds)
+    if record.is_file() and json.loads(record.read_text()).get("recipe") == recipe:
+        return json.loads(record.read_text())  # the same run, done before (another recipe is retrained)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(out / "train.log", "w") as log:
@@ -94,9 +96,15 @@ def run_one(args, world_args, prepared, concept: str, kind: str, lr: float) -> d
     subprocess.run([sys.executable, __file__, "--evaluate", str(produced), concept, str(scores), "--seeds", str(args.seeds)],
                    check=True, stdout=subprocess.DEVNULL)
     entry = {"concept": concept, "type": kind, "learning_rate": lr, "steps": args.steps, "file": str(produced.relative_to(args.work_dir)),
-             "train_seconds": round(seconds, 1), **json.loads(scores.read_text())}
+             "train_seconds": round(seconds, 1), **json.loads(scores.read_text()), "recipe": recipe}
     record.write_text(json.dumps(entry, indent=2))
     return entry
+
+
+def digest(cmd: list[str], seeds: int) -> str:
+    """What makes a run the same run: its training command (data, class images, steps, rate, ...)
+    and the validation seeds."""
+    return hashlib.sha256(json.dumps([cmd[1:], seeds]).encode()).hexdigest()[:16]
 
 
 def choose(runs: list[dict]) -> dict[str, dict]:
@@ -139,7 +147,11 @@ def main(argv=None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_one, args, world_args, prepared, *job) for job in grid]
         for i, f in enumerate(futures, 1):
-            r = f.result()
+            try:
+                r = f.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # stop at the first failed run, not after the whole grid
+                raise
             runs.append(r)
             elapsed = time.perf_counter() - start
             print(f"[{i}/{len(grid)}] {r['concept']}-{r['type']} lr {r['learning_rate']:g}: score {r['score']:.2f} (on prompt "
