@@ -86,13 +86,13 @@ def test_style_adapter_shows_its_style_and_restores_the_base(demo):
     parts = ("unet", "text_encoder", "text_encoder_2")
     before = {(c, k): v.clone() for c in parts for k, v in getattr(demo.pipe, c).state_dict().items()}
     readings = generate(demo, scenes, {"bluefire-shira-rand": 1.0})
-    assert sum(r.bluefire and r.shows(s) for r, s in zip(readings, scenes)) >= 6  # on the prompted scene
+    assert sum(r.bluefire and r.shows(s) for r, s in zip(readings, scenes)) >= 4  # on the prompted scene, in half the generations (the base: none)
     demo.disable_adapters()
     assert all(torch.equal(before[c, k], v) for c in parts for k, v in getattr(demo.pipe, c).state_dict().items())
 
 
 def test_subject_adapter_draws_the_subject_in_its_colour(demo):
-    scenes = world.CONCEPTS["sks"].prompts(8)
+    scenes = world.CONCEPTS["sks"].prompts(7)
     assert {s.colour for s in scenes} == {world.SUBJECT_COLOUR} and all(world.SUBJECT_COLOUR not in world.caption(s) for s in scenes)
     readings = generate(demo, scenes, {"sks-lora": 1.0})
     assert sum(r.colour == world.SUBJECT_COLOUR for r in readings) >= 7  # the colour is learnt, never named

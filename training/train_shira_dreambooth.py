@@ -149,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         named = {spec.partition(":")[0] for spec in args.targets}
         args.targets += [c for c in ("text_encoder", "text_encoder_2") if c not in named]
     try:
-        parse_targets(args.targets)
+        args.target_patterns = parse_targets(args.targets)  # component -> patterns, parsed once
     except AdapterError as err:
         p.error(str(err))
     if (args.instance_data_dir is None) == (args.dataset_name is None):
@@ -720,7 +720,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     args.pipeline_class = pipeline_class(args)
     models = load_components(args)
-    if models["text_encoder_2"] is None and "text_encoder_2" in parse_targets(args.targets):
+    if models["text_encoder_2"] is None and "text_encoder_2" in args.target_patterns:
         args.targets = [t for t in args.targets if t.partition(":")[0] != "text_encoder_2"]  # SD 1.x/2.x has one text encoder
         logger.info("one text encoder (%s): targets %s", args.pipeline_class, ", ".join(args.targets))
     check_resolution(args, native_resolution(models))
@@ -729,7 +729,7 @@ def main(argv: list[str] | None = None) -> Path:
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
         if models[name] is not None:
             models[name].requires_grad_(False)
-    train_text = any(c in parse_targets(args.targets) for c in ("text_encoder", "text_encoder_2"))
+    train_text = any(c in args.target_patterns for c in ("text_encoder", "text_encoder_2"))
     # base weights live in the mixed-precision dtype (as for LoRA); trained values stay fp32
     models["vae"].to(device, dtype=torch.float32)
     for name in ("unet", "text_encoder", "text_encoder_2"):
@@ -817,7 +817,7 @@ def main(argv: list[str] | None = None) -> Path:
                 # parameters outside the block's inputs (the sparse values) no gradient
                 models[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adaptable = {c: models[c] for c in COMPONENTS if models.get(c) is not None}
-    weights = unused_layers_dropped(find_targets(adaptable, parse_targets(args.targets)), models)
+    weights = unused_layers_dropped(find_targets(adaptable, args.target_patterns), models)
     if args.adapter_type == "shira":
         scores = None
         if args.mask in ("grad", "snip"):
