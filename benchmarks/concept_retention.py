@@ -108,6 +108,12 @@ def derived(sh: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for key in ("retention", "retention_on_prompt"):
             out[f"mean_{key}"] = np.nanmean([v for k, v in out.items() if k.startswith("fused.") and k.split(".")[2] == key], axis=0)
     out["mean_joint"] = np.mean([v for k, v in sh.items() if k.endswith(".joint")], axis=0)
+    # pooled: all fused scores over all the single scores they are divided by; a concept the
+    # adapter rarely shows alone weighs little here, where its ratio dominates the mean above
+    for pooled, fused, single in (("pooled_retention", "score", "single"), ("pooled_retention_on_prompt", "score_on_prompt", "single_on_prompt")):
+        top = sum(np.asarray(sh[f"fused.{a}+{b}.{fused}.{c}"], float) for a, b in PAIRS for c in (a, b))
+        bottom = sum(np.asarray(sh[f"{single}.{c}"], float) for a, b in PAIRS for c in (a, b))
+        out[pooled] = np.divide(top, bottom, out=np.full_like(top, np.nan), where=bottom > 0)
     return out
 
 
@@ -147,7 +153,7 @@ def summarise(cells: dict[str, dict[str, tuple[str, np.ndarray]]], replicates: i
         out[t] = {"point": {k: number(v) for k, v in point[t].items()}, "ci": {k: interval(v) for k, v in boot[t].items()}}
         if t != "lora" and "lora" in cells:
             out[t]["minus_lora"] = {k: {"point": number(point[t][k] - point["lora"][k]), "ci": interval(boot[t][k] - boot["lora"][k])}
-                                    for k in point[t] if k.startswith("mean_")}
+                                    for k in point[t] if k.startswith(("mean_", "pooled_"))}
     return out
 
 
@@ -252,6 +258,9 @@ def run(args) -> dict:
             row["minus_lora"] = summary[t]["minus_lora"]
         result["types"][t] = row
     result["aim"] = aim(result["types"])
+    # every generation's outcome (seed-major, 1 = passed), so the intervals can be recomputed
+    result["outcomes"] = {t: {k: {"prompt_set": name, "seeds": a.shape[0], "passed": "".join("1" if v else "0" for v in a.reshape(-1))}
+                              for k, (name, a) in c.items()} for t, c in cells.items()}
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["figure_pairs"] = figure(sw, args, types)
     return result
@@ -344,8 +353,8 @@ def tables(result: dict) -> str:
     concepts = list(world.CONCEPTS)
     learn = ["| type | lr sks / bf / pt | single sks | bf | pt | on prompt sks | bf | pt | preservation | leak bf→pt | pt→bf |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    fuse = ["| type | sks+bf: sks / bf | sks+pt: sks / pt | bf+pt: bf / pt | mean retention | minus LoRA | joint | overlap |",
-            "|---|---|---|---|---|---|---|---|"]
+    fuse = ["| type | sks+bf: sks / bf | sks+pt: sks / pt | bf+pt: bf / pt | mean retention | minus LoRA | pooled retention | minus LoRA | joint | overlap |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for t, row in result["types"].items():
         rates = " / ".join("?" if row.get("learning_rate", {}).get(c) is None else f"{row['learning_rate'][c]:g}" for c in concepts)
         learn.append(f"| {NAMES.get(t, t)} | {rates} | " + " | ".join(ci(row, f"single.{c}", row["single"][c]) for c in concepts) + " | "
@@ -355,7 +364,8 @@ def tables(result: dict) -> str:
         pairs = [" / ".join(ci(row, f"fused.{p}.retention.{c}", f["retention"][c]) for c in f["retention"]) for p, f in row["fused"].items()]
         overlap = "1 (dense)" if t == "lora" else f"{mean(f['overlap'] for f in row['fused'].values()):.2f}"
         fuse.append(f"| {NAMES.get(t, t)} | " + " | ".join(pairs) + f" | **{ci(row, 'mean_retention', row['mean_retention'])}** | "
-                    f"{'' if t == 'lora' else diff(row, 'mean_retention')} | {ci(row, 'mean_joint', row['mean_joint'])} | {overlap} |")
+                    f"{'' if t == 'lora' else diff(row, 'mean_retention')} | {ci(row, 'pooled_retention', row['pooled_retention'])} | "
+                    f"{'' if t == 'lora' else diff(row, 'pooled_retention')} | {ci(row, 'mean_joint', row['mean_joint'])} | {overlap} |")
     return "\n".join(learn) + "\n\n" + "\n".join(fuse) + "\n"
 
 

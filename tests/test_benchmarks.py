@@ -64,9 +64,11 @@ def test_concept_retention_smoke(tmp_path):
     lo, hi = row["ci"]["single.bluefire"]
     assert lo <= row["single"]["bluefire"] <= hi and set(row["minus_lora"]) >= {"mean_retention", "mean_single"}
     assert set(data["base"]["ci"]) >= {"prompted_shape_and_colour", "style_when_described.paintings"}
+    kept = data["outcomes"]["shira-rand"]["single.bluefire"]
+    assert kept["prompt_set"] == "bluefire" and kept["passed"].count("1") / len(kept["passed"]) == row["single"]["bluefire"]
     printed = run("concept_retention.py", "--tables", str(tmp_path / "c.json")).stdout.splitlines()
     rows = [line for line in printed if line.startswith(("| LoRA", "| SHiRA-rand"))]
-    assert len(rows) == 4 and all(line.count("|") == (12 if i < 2 else 9) for i, line in enumerate(rows))
+    assert len(rows) == 4 and all(line.count("|") == (12 if i < 2 else 11) for i, line in enumerate(rows))
     assert f"{row['single']['bluefire']:.2f} ({lo:.2f}–{hi:.2f})" in rows[1]
 
 
@@ -145,6 +147,8 @@ def test_concept_retention_intervals_and_paired_differences():
     assert point["fused.sks+bluefire.retention.sks"] is None and ci["fused.sks+bluefire.retention.sks"] is None
     ratios = [point[f"fused.{a}+{b}.retention.{c}"] for a, b in cr.PAIRS for c in (a, b) if c != "sks"]
     assert point["mean_retention"] == pytest.approx(sum(ratios) / 4)  # undefined ratios are left out of the mean
+    fused_sum = sum(lora[f"fused.{a}+{b}.score.{c}"][1].mean() for a, b in cr.PAIRS for c in (a, b))
+    assert point["pooled_retention"] == pytest.approx(fused_sum / sum(lora[f"single.{c}"][1].mean() for a, b in cr.PAIRS for c in (a, b)))
     assert ci["preservation.sks"] == [1.0, 1.0] and ci["leak.sks on x"] == [0.0, 0.0]
     for key, value in point.items():
         if value is not None:

@@ -722,6 +722,7 @@ def main(argv: list[str] | None = None) -> Path:
     models = load_components(args)
     if models["text_encoder_2"] is None and "text_encoder_2" in args.target_patterns:
         args.targets = [t for t in args.targets if t.partition(":")[0] != "text_encoder_2"]  # SD 1.x/2.x has one text encoder
+        args.target_patterns = parse_targets(args.targets)
         logger.info("one text encoder (%s): targets %s", args.pipeline_class, ", ".join(args.targets))
     check_resolution(args, native_resolution(models))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
