@@ -28,7 +28,8 @@ def strings(value):
 
 
 def shipped_records():
-    for path in sorted([*(ROOT / "shira_diffusion" / "assets").rglob("*"), *(ROOT / "benchmarks" / "results").rglob("*")]):
+    for path in sorted([*(ROOT / "shira_diffusion" / "assets").rglob("*"), *(ROOT / "benchmarks" / "results").rglob("*"),
+                        ROOT / "training" / "demo_recipes.json"]):
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 yield path, list(strings(dict(f.metadata() or {})))
