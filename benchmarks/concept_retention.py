@@ -49,7 +49,7 @@ from shira_diffusion import ShiraPipelineSwitcher  # noqa: E402
 from shira_diffusion.demo import world  # noqa: E402
 from shira_diffusion.demo.detect import Reading  # noqa: E402
 from shira_diffusion.demo.model import ADAPTERS_DIR, recorded_config  # noqa: E402
-from shira_diffusion.demo.scoring import Scorer, concept_on_prompt, concept_seen, prompted_scene  # noqa: E402
+from shira_diffusion.demo.scoring import Scorer, concept_on_prompt, concept_seen  # noqa: E402
 from shira_diffusion.metrics import interference  # noqa: E402
 
 TYPES = ("lora", "shira-struct", "shira-rand", "shira-wm", "shira-grad", "shira-snip")
@@ -181,7 +181,7 @@ def type_cells(scorer: Scorer, few: Scorer, sw, t: str, concept_prompts, plain) 
     for c in world.CONCEPTS:
         single, strict = scorer.outcomes(concept_prompts[c], {name[c]: 1.0}, concept_seen(c), concept_on_prompt(c))
         cells[f"single.{c}"], cells[f"single_on_prompt.{c}"] = (c, single), (c, strict)
-        cells[f"preservation.{c}"] = ("plain", few.outcomes(plain, {name[c]: 1.0}, prompted_scene)[0])
+        cells[f"preservation.{c}"] = ("plain", few.outcomes(plain, {name[c]: 1.0}, Reading.shows)[0])
         for d in world.CONCEPTS:  # the concept showing up under another concept's trigger
             if d != c:
                 cells[f"leak.{c} on {d}"] = (f"{d} few", few.outcomes(concept_prompts[d], {name[c]: 1.0}, concept_seen(c))[0])
@@ -203,9 +203,8 @@ def recipes(types: list[str]) -> dict:
     if not RECIPES.is_file():
         return {}
     sweep = json.loads(RECIPES.read_text())
-    keep = lambda key: any(key.endswith(f"-{t}") for t in types)  # noqa: E731
     runs = [{k: r[k] for k in ("concept", "type", "learning_rate", "score", "on_prompt", "preservation", "mean_leak")} for r in sweep["runs"] if r["type"] in types]
-    return {"chosen": {k: v for k, v in sweep["chosen"].items() if keep(k)}, "validation": sweep["validation"], "runs": runs}
+    return {"chosen": {k: v for k, v in sweep["chosen"].items() if k.split("-", 1)[1] in types}, "validation": sweep["validation"], "runs": runs}
 
 
 def run(args) -> dict:
@@ -362,16 +361,11 @@ def tables(result: dict) -> str:
                      + f" | {ci(row, 'mean_preservation', row['mean_preservation'])} | "
                      + " | ".join(ci(row, f"leak.{k}", row["leak"][k]) for k in ("bluefire on paintings", "paintings on bluefire")) + " |")
         pairs = [" / ".join(ci(row, f"fused.{p}.retention.{c}", f["retention"][c]) for c in f["retention"]) for p, f in row["fused"].items()]
-        overlap = "1 (dense)" if t == "lora" else f"{mean(f['overlap'] for f in row['fused'].values()):.2f}"
+        overlap = "1 (dense)" if t == "lora" else f"{np.mean([f['overlap'] for f in row['fused'].values()]):.2f}"
         fuse.append(f"| {NAMES.get(t, t)} | " + " | ".join(pairs) + f" | **{ci(row, 'mean_retention', row['mean_retention'])}** | "
                     f"{'' if t == 'lora' else diff(row, 'mean_retention')} | {ci(row, 'pooled_retention', row['pooled_retention'])} | "
                     f"{'' if t == 'lora' else diff(row, 'pooled_retention')} | {ci(row, 'mean_joint', row['mean_joint'])} | {overlap} |")
     return "\n".join(learn) + "\n\n" + "\n".join(fuse) + "\n"
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def main(argv=None) -> None:

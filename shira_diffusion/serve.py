@@ -19,7 +19,6 @@ Run ``shira serve`` on one machine, or ``serve run shira_diffusion.serve:app`` /
 """
 
 import asyncio
-import io
 import json
 import math
 import re

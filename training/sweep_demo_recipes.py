@@ -63,7 +63,8 @@ def validate(path: Path, concept: str, seeds: int) -> dict:
     import torch
 
     from shira_diffusion import ShiraPipelineSwitcher
-    from shira_diffusion.demo.scoring import Scorer, concept_on_prompt, concept_seen, prompted_scene
+    from shira_diffusion.demo.detect import Reading
+    from shira_diffusion.demo.scoring import Scorer, concept_on_prompt, concept_seen
 
     torch.set_num_threads(1)
     sw = ShiraPipelineSwitcher.demo()
@@ -72,7 +73,7 @@ def validate(path: Path, concept: str, seeds: int) -> dict:
     single, on_prompt = scorer.outcomes(world.CONCEPTS[concept].validation_prompts(), on, concept_seen(concept), concept_on_prompt(concept))
     leak = {d: float(scorer.outcomes(world.CONCEPTS[d].validation_prompts(), on, concept_seen(concept))[0].mean())
             for d in world.CONCEPTS if d != concept}
-    preservation = float(scorer.outcomes(world.plain_prompts(6, seed=9), on, prompted_scene)[0].mean())
+    preservation = float(scorer.outcomes(world.plain_prompts(6, seed=9), on, Reading.shows)[0].mean())
     scores = {"single": float(single.mean()), "on_prompt": float(on_prompt.mean()), "preservation": preservation,
               "leak": leak, "mean_leak": sum(leak.values()) / len(leak)}
     return {**scores, "score": scores["on_prompt"] * preservation - scores["mean_leak"]}

@@ -50,6 +50,3 @@ def concept_on_prompt(name: str):
     seen = concept_seen(name)
     return lambda r, s: seen(r, s) and r.shows(s)
 
-
-def prompted_scene(r, s) -> bool:
-    return r.shows(s)
