@@ -42,6 +42,10 @@ class SparseEntry:
     dense = False
 
     @property
+    def count(self) -> int:
+        return self.values.numel()
+
+    @property
     def nbytes(self) -> int:
         return nbytes(self.indices, self.values)
 

@@ -15,6 +15,8 @@ log of exactly what it overwrote, and puts that back.
   layouts to build or cache.
 * A write is transactional: everything is checked before the first write, and an error part-way
   puts every touched weight back to the previous set's exact values.
+* On a CPU, weights are written side by side on a few threads: each weight's gathers and scatters
+  are too small for PyTorch to split, so one thread would leave the other cores idle.
 * Under accelerate's offload hooks (``enable_sequential_cpu_offload``: parameters on ``meta``
   between forwards) the writer writes the hook's CPU weight map, which every forward loads from.
   A weight it cannot write for real is an :class:`AdapterError`, never a silent no-op.
@@ -22,6 +24,9 @@ log of exactly what it overwrote, and puts that back.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
@@ -107,6 +112,10 @@ class _Workspace:
         free = self._pool.get((n, dtype, device))
         return free.pop() if free else torch.empty(n, dtype=dtype, device=device)
 
+    def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A dense buffer of a weight's size for fusing; its contents between uses do not matter."""
+        return self.buf("scratch", numel, dtype, device)
+
     def clear(self) -> None:
         self._bufs = {k: b for k, b in self._bufs.items() if b.device.type == "cpu"}
         if self.nbytes > self.KEEP_BYTES:
@@ -127,8 +136,15 @@ class WeightWriter:
         self._modules: dict[str, nn.Module] = {}
         self._parents: dict[str, nn.Module | None] = {}
         self._undo: dict[str, _Undo] = {}
-        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._ws = _Workspace()
+        self._main = _Workspace()
+        self._spaces: list[_Workspace] = []  # one per worker of a parallel write
+        self._local = threading.local()  # which workspace this thread writes with
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size, self._pool_pid = 0, 0
+
+    @property
+    def _ws(self) -> _Workspace:
+        return getattr(self._local, "ws", self._main)
 
     # ---- the weights ------------------------------------------------------------------------------
     def module(self, key: str) -> nn.Module:
@@ -202,19 +218,82 @@ class WeightWriter:
         keys = [k for k in dict.fromkeys([*old, *plan]) if not _same(old.get(k), plan.get(k))]
         flats = {key: self.live(key) for key in keys}  # every check before the first write
         self._check_backup_budget(plan, keys, flats)
-        touched: list[str] = []
+        touched: list[str] = []  # appended to from every worker (list.append is atomic)
+        workers = self._workers(keys, plan, old, flats)
         try:
-            for key in keys:
-                touched.append(key)
-                backup = self._restore(key, flats[key], self._write)
-                if key in plan:
-                    self._apply(key, flats[key], plan[key], backup, self._write)
+            if workers > 1:
+                self._write_parallel(workers, keys, plan, flats, touched)
+            else:
+                self._write_keys(keys, plan, flats, touched, None)
         except BaseException:
             self._roll_back(touched, flats, old)
             raise
         finally:
-            self._ws.clear()
+            for ws in (self._main, *self._spaces):
+                ws.clear()
         return sorted({f.device for f in flats.values()}, key=str)
+
+    def _write_keys(self, keys: list[str], plan: Plan, flats: dict[str, torch.Tensor], touched: list[str],
+                    stop: threading.Event | None) -> None:
+        for key in keys:
+            if stop is not None and stop.is_set():
+                return
+            touched.append(key)
+            backup = self._restore(key, flats[key], self._write)
+            if key in plan:
+                self._apply(key, flats[key], plan[key], backup, self._write)
+
+    # ---- parallel writes (CPU) --------------------------------------------------------------------
+    PARALLEL_MIN_ENTRIES = 1 << 20  # below this a write takes a few ms: threads would cost more than they give
+    MAX_WORKERS = 8
+    threads: int | None = None  # writer threads on a CPU (None: PyTorch's intra-op thread count)
+
+    def _workers(self, keys: list[str], plan: Plan, old: Mapping[str, tuple[Member, ...]], flats: dict[str, torch.Tensor]) -> int:
+        """How many threads write this switch: on a CPU, one per intra-op thread (each weight's
+        gathers and scatters are too small for PyTorch to split them, so weights go side by side);
+        on a GPU, or with LoRA members, one."""
+        n = min(self.threads or torch.get_num_threads(), self.MAX_WORKERS, len(keys))
+        if n < 2 or any(f.device.type != "cpu" for f in flats.values()):
+            return 1
+        members = [m for k in keys for m in (*old.get(k, ()), *plan.get(k, ()))]
+        if any(m.entry.dense for m in members):  # LoRA products: PyTorch already spreads the matmuls over every core
+            return 1
+        return n if sum(m.entry.count for m in members) >= self.PARALLEL_MIN_ENTRIES else 1
+
+    def _write_parallel(self, workers: int, keys: list[str], plan: Plan, flats: dict[str, torch.Tensor], touched: list[str]) -> None:
+        """Weights dealt round-robin to ``workers`` threads, each with its own workspace; every
+        weight is written by one thread, so no two threads touch one tensor. Returns (or raises the
+        first error) only once every thread has stopped, so a rollback never races a writer."""
+        if self._pool is None or self._pool_size < workers or self._pool_pid != os.getpid():  # a forked child has no threads
+            if self._pool is not None and self._pool_pid == os.getpid():
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="shira-writer")
+            self._pool_size, self._pool_pid = workers, os.getpid()
+        while len(self._spaces) < workers:
+            self._spaces.append(_Workspace())
+        stop = threading.Event()
+
+        def run(i: int) -> None:
+            self._local.ws = self._spaces[i]
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    self._write_keys(keys[i::workers], plan, flats, touched, stop)
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                del self._local.ws
+
+        futures = [self._pool.submit(run, i) for i in range(workers)]
+        try:
+            wait(futures)
+        except BaseException:  # interrupted while waiting: stop the threads before anyone rolls back
+            stop.set()
+            wait(futures)
+            raise
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
 
     def _check_backup_budget(self, plan: Plan, keys: list[str], flats: dict[str, torch.Tensor]) -> None:
         if self.max_backup_bytes is None:
@@ -256,7 +335,7 @@ class WeightWriter:
                 if m.entry.dense:
                     total += m.entry.scaled(device, acc, m.scale, base)
                 else:
-                    total.index_add_(0, self._ws.long("0", m.entry.indices, device), self._delta(m, m.entry.indices.numel(), acc, device))
+                    total.index_add_(0, self._ws.long("0", m.entry.indices, device), self._delta(m, m.entry.count, acc, device))
             put(flat, None, (base + total).to(flat.dtype))
             return
         ws = self._ws
@@ -275,7 +354,7 @@ class WeightWriter:
         # writes the sum back for the members after it. Members write the weight in name order, so
         # an entry shared by several ends with the last one's value: the sum of all of them.
         # Same bits as a dense fp32 sum in name order, with no union and no index_add_.
-        scratch = self._scratch_for(device, acc, flat.numel())
+        scratch = ws.scratch(flat.numel(), acc, device)
         for idx in indices[1:]:
             scratch.index_fill_(0, idx, 0)
         first = self._delta(members[0], indices[0].numel(), acc, device)
@@ -328,13 +407,6 @@ class WeightWriter:
             return flat.clone()
         out = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=torch.cuda.is_available())
         return out.copy_(flat, non_blocking=True)
-
-    def _scratch_for(self, device: torch.device, acc: torch.dtype, numel: int) -> torch.Tensor:
-        """A dense buffer of the weight's size for fusing; its contents between uses do not matter."""
-        buf = self._scratch.get((device, acc))
-        if buf is None or buf.numel() < numel:
-            buf = self._scratch[(device, acc)] = torch.empty(numel, dtype=acc, device=device)
-        return buf[:numel]
 
     def _roll_back(self, touched: list[str], flats: dict[str, torch.Tensor], old: dict[str, tuple[Member, ...]]) -> None:
         """Back to ``old`` exactly: the base on every touched weight, then the old members again."""

@@ -154,6 +154,33 @@ def test_codec_rejects_streams_too_long_or_summing_past_the_weight():
     assert index_codec.decode(torch.zeros(1, 3, dtype=torch.uint8), 0, 10).numel() == 0
 
 
+def test_codec_decodes_streams_of_every_width_one_after_another_on_two_threads():
+    """The decoder reuses per-thread buffers: a short stream after a long one (stale bytes past
+    its end) and two threads at once must each give exactly their own indices."""
+    import threading
+
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for numel, density in ((50_000, 0.9), (7, 1.0), (300_000, 0.01), (1000, 0.3), (2**20, 0.002), (64, 0.5), (10**5, 0.05), (10**5, 0.1)):
+        idx = torch.randperm(numel, generator=g)[: max(1, int(density * numel))].sort().values
+        cases.append((index_codec.encode(idx), idx, numel))
+    assert {packed.shape[1] for packed, _, _ in cases} == {1, 2, 4, 6, 8}
+    failures = []
+
+    def run(order):
+        for _ in range(3):
+            for packed, idx, numel in order:
+                if not torch.equal(index_codec.decode(packed, idx.numel(), numel).long(), idx):
+                    failures.append(numel)
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in (cases, cases[::-1])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
 def test_a_validated_delta_is_checked_again_only_once_changed(tmp_path):
     import pickle
 

@@ -324,3 +324,58 @@ def test_generation_changes_with_adapter_and_returns_bit_exact(tiny_pipe):
     again = render()
     assert not torch.equal(base, adapted)
     assert torch.equal(base, again)
+
+
+def parallel(engine, monkeypatch, threads=3):
+    """Make every write of ``engine`` take the threaded CPU path, however small."""
+    monkeypatch.setattr(engine.writer, "threads", threads)
+    monkeypatch.setattr(engine.writer, "PARALLEL_MIN_ENTRIES", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threaded_writes_give_the_reference_bits_and_restore_exactly(monkeypatch, dtype):
+    unet, engine, adapters = make_setup(dtype, density=0.3)
+    parallel(engine, monkeypatch)
+    base = snapshot(unet)
+    threads = set()
+    original = WeightWriter._write
+
+    def recording(flat, idx, values):
+        threads.add(threading.current_thread().name)
+        original(flat, idx, values)
+
+    monkeypatch.setattr(WeightWriter, "_write", staticmethod(recording))
+    rng = random.Random(3)
+    for _ in range(12):
+        chosen = rng.sample(sorted(adapters), rng.randint(1, 3))
+        scales = {n: rng.choice([1.0, 0.5, -1.3]) for n in chosen}
+        engine.apply(scales)
+        check_state(unet, base, adapters, scales)
+    engine.restore()
+    assert_same_state(unet, base)
+    assert len({t for t in threads if t.startswith("shira-writer")}) >= 2 and threading.current_thread().name not in threads
+
+
+@pytest.mark.parametrize("fail_at", [1, 5, 30])
+def test_a_fault_in_one_writer_thread_rolls_back_every_weight(monkeypatch, fail_at):
+    unet, engine, adapters = make_setup()
+    parallel(engine, monkeypatch)
+    engine.apply({"a0": 1.0, "a2": 0.5})
+    before = snapshot(unet)
+    calls, lock = {"n": 0}, threading.Lock()
+    original = WeightWriter._write
+
+    def flaky(flat, idx, values):
+        with lock:
+            calls["n"] += 1
+            fail = calls["n"] == fail_at
+        if fail:
+            raise RuntimeError("injected failure")
+        original(flat, idx, values)
+
+    monkeypatch.setattr(WeightWriter, "_write", staticmethod(flaky))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        engine.apply({"a1": 1.0, "a2": -0.7})
+    monkeypatch.setattr(WeightWriter, "_write", staticmethod(original))
+    assert_same_state(unet, before)
+    assert engine.active == {"a0": 1.0, "a2": 0.5}
