@@ -271,12 +271,12 @@ class WeightWriter:
             self._pool_size, self._pool_pid = workers, os.getpid()
         while len(self._spaces) < workers:
             self._spaces.append(_Workspace())
-        stop = threading.Event()
+        stop, inference = threading.Event(), torch.is_inference_mode_enabled()
 
         def run(i: int) -> None:
             self._local.ws = self._spaces[i]
             try:
-                with torch.no_grad():  # grad mode is per thread
+                with torch.no_grad(), torch.inference_mode(inference):  # grad and inference modes are per thread
                     self._write_keys(keys[i::workers], plan, flats, touched, stop)
             except BaseException:
                 stop.set()

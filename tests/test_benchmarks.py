@@ -158,3 +158,10 @@ def test_concept_retention_intervals_and_paired_differences():
     assert all(d == {"point": 0.0, "ci": [0.0, 0.0]} for k, d in out["shira-x"]["minus_lora"].items() if d["point"] is not None)
     assert out["shira-y"]["minus_lora"]["mean_retention"]["ci"][0] > 0
     assert cr.nest({"a.b.c": 1, "a.b.d": 2, "e": 3}) == {"a": {"b": {"c": 1, "d": 2}}, "e": 3}
+
+
+def test_writer_threads_smoke(tmp_path):
+    run("writer_threads.py", "--reduced", "--rounds", "2", "--out", str(tmp_path / "w.json"))
+    data = json.loads((tmp_path / "w.json").read_text())
+    steps = {"stage_and_first_apply", "apply", "switch", "restore", "fuse2", "fuse3"}
+    assert set(data["one_thread_over_threads"]) == steps and all(set(data["seconds"][w]) == steps for w in ("one_thread", "threads"))
