@@ -9,6 +9,16 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+def unet_arguments(parser) -> None:
+    """The options of the scripts that time the engine on the full-size SDXL UNet."""
+    from shira_diffusion.dtypes import DTYPES
+
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank; SHiRA gets r*(rows+cols) entries per weight")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reduced", action="store_true", help="tiny SDXL-layout UNet instead of the full one (smoke runs)")
+
+
 def sync() -> None:
     """Wait for queued CUDA work: a GPU time without it is the time to queue the kernels."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -1,4 +1,5 @@
-"""Soak test of the engine's exactness: N random apply/switch/fuse/restore cycles per dtype.
+"""Soak test of the engine's exactness: N random apply/switch/fuse/restore cycles per dtype, with
+the writer on one thread and on its threaded CPU path.
 
 After every cycle the adapted weights must equal a reference computed from scratch (base +
 sum of scaled deltas in fp32 at the union, cast once), and after the final restore every
@@ -23,7 +24,9 @@ from shira_diffusion.dtypes import DTYPES  # noqa: E402
 
 
 
-def soak(dtype: torch.dtype, cycles: int, adapters_n: int, density: float, seed: int, check_every: int) -> dict:
+def soak(dtype: torch.dtype, cycles: int, adapters_n: int, density: float, seed: int, check_every: int, writers: int = 1) -> dict:
+    """``writers`` > 1: every write takes the writer's threaded CPU path (the tiny UNet's writes
+    are below the size where it would on its own)."""
     unet = tiny_sdxl_unet(seed=0)
     torch.nn.Module.to(unet, dtype)
     weights = find_targets({"unet": unet})
@@ -32,6 +35,9 @@ def soak(dtype: torch.dtype, cycles: int, adapters_n: int, density: float, seed:
     names = [f"a{i}" for i in range(adapters_n)]
     adapters = {n: random_adapter(weights, "rand", density=density, seed=seed + i, dtype=dtype, std=0.5) for i, n in enumerate(names)}
     engine = ShiraEngine({"unet": unet})
+    engine.writer.threads = writers
+    if writers > 1:
+        engine.writer.PARALLEL_MIN_ENTRIES = 0
     for n, a in adapters.items():
         engine.stage(n, a)
     rng = random.Random(seed)
@@ -70,13 +76,16 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.2, help="mask density (high, to force overlaps)")
     parser.add_argument("--check-every", type=int, default=100, help="compare against the reference every N cycles")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--writers", type=int, nargs="+", default=[1, 2], help="writer threads to soak (1: one thread; N: the threaded path)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/restore_exactness.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = {}
-    for name in args.dtypes:
-        results[name] = soak(DTYPES[name], args.cycles, args.adapters, args.density, args.seed, args.check_every)
-        print(name, results[name], flush=True)
+    for writers in args.writers:
+        for name in args.dtypes:
+            key = name if writers == 1 else f"{name}, {writers} writer threads"
+            results[key] = soak(DTYPES[name], args.cycles, args.adapters, args.density, args.seed, args.check_every, writers)
+            print(key, results[key], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": {**vars(args), "out": str(args.out)}, "results": results}, indent=2))
     if not all(r["bit_exact"] for r in results.values()):

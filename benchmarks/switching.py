@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from common import bar_chart, clock
+from common import bar_chart, clock, unet_arguments
 from common import median as _median  # benchmarks/ is on the path when run as a script
 from shira_diffusion import ShiraEngine, SparseAdapter, budget, find_targets
 from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
@@ -324,12 +324,9 @@ def ratios(r: dict) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank; SHiRA gets r*(rows+cols) entries per weight")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--threads", type=int, default=2)
+    unet_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after one untimed warm-up")
     parser.add_argument("--latent", type=int, default=32, help="latent size for the inference timing (32 = 256 px)")
-    parser.add_argument("--reduced", action="store_true", help="tiny SDXL-layout UNet instead of the full one (smoke runs)")
     parser.add_argument("--skip-peft", action="store_true", help="leave out PEFT SHiRA (its load takes ~20 s at r16)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import clock  # benchmarks/ is on the path when run as a script
+from common import clock, unet_arguments  # benchmarks/ is on the path when run as a script
 from shira_diffusion import ShiraEngine, SparseAdapter, find_targets
 from shira_diffusion.dtypes import DTYPES
 from shira_diffusion.testing import random_adapter, sdxl_unet, tiny_sdxl_unet
@@ -50,11 +50,8 @@ def one_round(engine: ShiraEngine, path: Path) -> dict[str, float]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank; SHiRA gets r*(rows+cols) entries per weight")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--threads", type=int, default=2)
+    unet_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per writer (the first is a warm-up)")
-    parser.add_argument("--reduced", action="store_true", help="tiny SDXL-layout UNet instead of the full one (smoke runs)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -27,6 +27,7 @@ def test_engine_speed_smoke(tmp_path):
 def test_restore_exactness_smoke(tmp_path):
     run("restore_exactness.py", "--cycles", "30", "--check-every", "10", "--out", str(tmp_path / "r.json"))
     results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert len(results) == 6 and "bf16, 2 writer threads" in results
     assert all(r["bit_exact"] and r["checks"] == 3 for r in results.values())
 
 
