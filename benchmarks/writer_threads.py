@@ -62,6 +62,8 @@ def main(argv=None) -> dict:
     rank = min(args.rank, 2) if args.reduced else args.rank
     before = {k: w.detach().clone() for k, w in weights.items()} if args.reduced else None
     engine = ShiraEngine({"unet": unet})
+    if args.reduced:
+        engine.writer.PARALLEL_MIN_ENTRIES = 0  # the tiny UNet's writes are below the threshold
     samples: dict[str, dict[str, list[float]]] = {"one_thread": {}, "threads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
@@ -72,10 +74,8 @@ def main(argv=None) -> dict:
         for name, path in zip("bc", paths[1:]):
             engine.stage(name, SparseAdapter.load(path))
         for r in range(args.rounds):
-            for writer, workers in (("one_thread", 1), ("threads", WeightWriter.MAX_WORKERS)):
-                engine.writer.threads = 1 if workers == 1 else None
-                if args.reduced:
-                    engine.writer.PARALLEL_MIN_ENTRIES = 0  # the tiny UNet's writes are below the threshold
+            for writer, threads in (("one_thread", 1), ("threads", None)):  # None: the intra-op thread count
+                engine.writer.threads = threads
                 took = one_round(engine, paths[0])
                 if r:
                     for step, seconds in took.items():

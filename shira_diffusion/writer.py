@@ -112,10 +112,6 @@ class _Workspace:
         free = self._pool.get((n, dtype, device))
         return free.pop() if free else torch.empty(n, dtype=dtype, device=device)
 
-    def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A dense buffer of a weight's size for fusing; its contents between uses do not matter."""
-        return self.buf("scratch", numel, dtype, device)
-
     def clear(self) -> None:
         self._bufs = {k: b for k, b in self._bufs.items() if b.device.type == "cpu"}
         if self.nbytes > self.KEEP_BYTES:
@@ -139,8 +135,8 @@ class WeightWriter:
         self._main = _Workspace()
         self._spaces: list[_Workspace] = []  # one per worker of a parallel write
         self._local = threading.local()  # which workspace this thread writes with
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size, self._pool_pid = 0, 0
+        self._pool: ThreadPoolExecutor | None = None  # MAX_WORKERS threads, started as writes need them
+        self._pool_pid = 0  # the process that started them: a forked child has none
 
     @property
     def _ws(self) -> _Workspace:
@@ -264,11 +260,8 @@ class WeightWriter:
         """Weights dealt round-robin to ``workers`` threads, each with its own workspace; every
         weight is written by one thread, so no two threads touch one tensor. Returns (or raises the
         first error) only once every thread has stopped, so a rollback never races a writer."""
-        if self._pool is None or self._pool_size < workers or self._pool_pid != os.getpid():  # a forked child has no threads
-            if self._pool is not None and self._pool_pid == os.getpid():
-                self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="shira-writer")
-            self._pool_size, self._pool_pid = workers, os.getpid()
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = ThreadPoolExecutor(self.MAX_WORKERS, thread_name_prefix="shira-writer"), os.getpid()
         while len(self._spaces) < workers:
             self._spaces.append(_Workspace())
         stop, inference = threading.Event(), torch.is_inference_mode_enabled()
@@ -354,7 +347,7 @@ class WeightWriter:
         # writes the sum back for the members after it. Members write the weight in name order, so
         # an entry shared by several ends with the last one's value: the sum of all of them.
         # Same bits as a dense fp32 sum in name order, with no union and no index_add_.
-        scratch = ws.scratch(flat.numel(), acc, device)
+        scratch = ws.buf("scratch", flat.numel(), acc, device)  # weight-sized; its contents between uses do not matter
         for idx in indices[1:]:
             scratch.index_fill_(0, idx, 0)
         first = self._delta(members[0], indices[0].numel(), acc, device)
