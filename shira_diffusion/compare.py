@@ -248,10 +248,17 @@ def xy_plot(sw, prompt: str, x: tuple[str, list], y: tuple[str, list], seed: int
     encoder = encoded_once(encoder)
     seeds = [int(v) for v in y_values] if y_name == SEED else [int(seed)]
 
+    drawn: dict = {}
+
     def render(adapters: dict, s: int):
-        with sw.engine.lock:
-            out = sw(prompt, adapters=adapters, generator=torch.Generator().manual_seed(s), **kwargs).images[0]
-            return out, sw.last_switch_ms
+        """Each (active set, seed) once: a cell equal to a reference (one adapter at 1 and the rest
+        at 0, or all at 0: the base) reuses its image and switch time."""
+        key = (frozenset((n, float(v)) for n, v in adapters.items() if float(v) != 0.0), s)
+        if key not in drawn:
+            with sw.engine.lock:
+                out = sw(prompt, adapters=adapters, generator=torch.Generator().manual_seed(s), **kwargs).images[0]
+                drawn[key] = out, sw.last_switch_ms
+        return drawn[key]
 
     refs = {s: {"base": render({}, s)[0], **{n: render({n: 1.0}, s)[0] for n in names}} for s in seeds}
     cells, captions, rows = [], [], []

@@ -210,11 +210,16 @@ def test_img2img_and_inpaint_use_the_same_adapters(studio):
         studio.run("a red square", "", 0, 2, 5.0, None, kind="inpaint", image=start)
 
 
-def test_xy_plot_cells_are_exact_switches_with_figures(studio, tmp_path):
+def test_xy_plot_cells_are_exact_switches_with_figures(studio, tmp_path, monkeypatch):
     from shira_diffusion.compare import rows_csv
 
     sw = studio.switcher
+    calls = []
+    draw = type(sw).__call__
+    monkeypatch.setattr(type(sw), "__call__", lambda self, *a, **k: calls.append(k["adapters"]) or draw(self, *a, **k))
     grid, rows = sw.xy_plot("a red square", ("a", [0, 1]), ("b", [0, 0.5]), seed=4, num_inference_steps=2, width=64, height=64)
+    # the references (base, a, b) and the two cells that equal none of them: (0, 0) is the base, (1, 0) is a alone
+    assert calls == [{}, {"a": 1.0}, {"b": 1.0}, {"a": 0.0, "b": 0.5}, {"a": 1.0, "b": 0.5}]
     assert [(r["x"], r["y"]) for r in rows] == [(0.0, 0.0), (1.0, 0.0), (0.0, 0.5), (1.0, 0.5)]
     assert rows[0]["kept:a"] == 0.0 and rows[0]["kept:b"] == 0.0  # the base model's own image
     assert rows[1]["kept:a"] == 1.0  # a alone at 1: the reference itself
