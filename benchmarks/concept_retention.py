@@ -24,8 +24,8 @@ interval that excludes 0 is a significant difference). The table's prompts never
 validation prompts ``training/sweep_demo_recipes.py`` picked the learning rates on; the sweep's
 record is copied into the JSON (``recipes``).
 
-    python benchmarks/concept_retention.py                       # ~25 min on 2 CPU cores
-    python benchmarks/concept_retention.py --seeds 1 --other_seeds 1 --prompts 2 --steps 4 --out /tmp/cr.json   # smoke run
+    python benchmarks/concept_retention.py                       # ~27 min on 2 CPU cores
+    python benchmarks/concept_retention.py --generations 2 --other_generations 2 --prompts 2 --steps 4 --out /tmp/cr.json   # smoke run
 """
 
 from __future__ import annotations
@@ -62,10 +62,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters_dir", type=Path, default=ADAPTERS_DIR)
     p.add_argument("--types", nargs="+", default=list(TYPES))
-    p.add_argument("--seeds", type=int, default=16, help="seeds per prompt for the scores retention divides (single and fused)")
-    p.add_argument("--other_seeds", type=int, default=4, help="seeds per prompt for preservation, leak, joint and the base model")
-    p.add_argument("--prompts", type=int, default=6, help="held-out prompts per concept (and plain prompts); the subject has 7 "
-                   "besides its instance and validation captions")
+    p.add_argument("--generations", type=int, default=144, help="generations per cell for the scores retention divides (single and "
+                   "fused), spread over the concept's prompts: each prompt gets ceil(generations / prompts) seeds")
+    p.add_argument("--other_generations", type=int, default=48, help="the same for preservation, leak and joint")
+    p.add_argument("--prompts", type=int, default=world.REPORTED, help="held-out prompts per concept (and plain prompts); the subject has only 7 "
+                   "besides its instance and validation captions and gets those. Many prompts and few seeds each: a concept is "
+                   "learnt on some scenes and not others, and 6 prompts measured mostly which 6")
+    p.add_argument("--base_seeds", type=int, default=4, help="seeds per prompt for the base model's accuracy")
     p.add_argument("--base_prompts", type=int, default=100, help="plain prompts for the base model's accuracy")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -162,7 +165,7 @@ def joint_scenes(a: str, b: str, n: int) -> list[world.Scene]:
     concepts = world.CONCEPTS
     subject = next((c for c in (a, b) if concepts[c].style is None), None)
     styles = [concepts[c].style for c in (a, b) if concepts[c].style]
-    base = concepts[subject].prompts(n) if subject else world.plain_prompts(n, seed=5)
+    base = concepts[subject].prompts(n, at_most=True) if subject else world.plain_prompts(n, seed=5)
     return [replace(s, style="|".join(styles)) for s in base]
 
 
@@ -172,26 +175,26 @@ def joint_caption(scene: world.Scene) -> str:
     return text + "".join(f", in {s} style" for s in styles)
 
 
-def type_cells(scorer: Scorer, few: Scorer, sw, t: str, concept_prompts, plain) -> tuple[dict, dict]:
+def type_cells(scorer, few, sw, t: str, concept_prompts, plain) -> tuple[dict, dict]:
     """One type's cells (adapters alone, each pair fused) and its pairs' weight-space numbers.
-    ``scorer`` counts what retention divides (most seeds), ``few`` the rest; their cells are
-    different prompt sets for the bootstrap (``<concept> few``)."""
+    ``scorer(scenes)`` counts what retention divides (most generations), ``few(scenes)`` the
+    rest; their cells are different prompt sets for the bootstrap (``<concept> few``)."""
     name = {c: f"{c}-{t}" for c in world.CONCEPTS}
     cells, weights = {}, {}
     for c in world.CONCEPTS:
-        single, strict = scorer.outcomes(concept_prompts[c], {name[c]: 1.0}, concept_seen(c), concept_on_prompt(c))
+        single, strict = scorer(concept_prompts[c]).outcomes(concept_prompts[c], {name[c]: 1.0}, concept_seen(c), concept_on_prompt(c))
         cells[f"single.{c}"], cells[f"single_on_prompt.{c}"] = (c, single), (c, strict)
-        cells[f"preservation.{c}"] = ("plain", few.outcomes(plain, {name[c]: 1.0}, Reading.shows)[0])
+        cells[f"preservation.{c}"] = ("plain", few(plain).outcomes(plain, {name[c]: 1.0}, Reading.shows)[0])
         for d in world.CONCEPTS:  # the concept showing up under another concept's trigger
             if d != c:
-                cells[f"leak.{c} on {d}"] = (f"{d} few", few.outcomes(concept_prompts[d], {name[c]: 1.0}, concept_seen(c))[0])
+                cells[f"leak.{c} on {d}"] = (f"{d} few", few(concept_prompts[d]).outcomes(concept_prompts[d], {name[c]: 1.0}, concept_seen(c))[0])
     for a, b in PAIRS:
         fused, pair = {name[a]: 1.0, name[b]: 1.0}, f"{a}+{b}"
         for c in (a, b):
-            score, strict = scorer.outcomes(concept_prompts[c], fused, concept_seen(c), concept_on_prompt(c))
+            score, strict = scorer(concept_prompts[c]).outcomes(concept_prompts[c], fused, concept_seen(c), concept_on_prompt(c))
             cells[f"fused.{pair}.score.{c}"], cells[f"fused.{pair}.score_on_prompt.{c}"] = (c, score), (c, strict)
         both = joint_scenes(a, b, len(plain))
-        joint = few.outcomes(both, fused, lambda r, s: concept_seen(a)(r, s) and concept_seen(b)(r, s), captions=[joint_caption(s) for s in both])[0]
+        joint = few(both).outcomes(both, fused, lambda r, s: concept_seen(a)(r, s) and concept_seen(b)(r, s), captions=[joint_caption(s) for s in both])[0]
         cells[f"fused.{pair}.joint"] = (f"joint {pair}", joint)
         weights[pair] = {k: v for k, v in interference(sw.get_adapter(name[a]), sw.get_adapter(name[b]))["aggregate"].items()
                          if k in ("overlap", "awom", "awor")}
@@ -217,18 +220,22 @@ def run(args) -> dict:
             sw.load_adapter(args.adapters_dir / f"{c}-{t}.safetensors", adapter_name=f"{c}-{t}")
     manifest_path = args.adapters_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    scorer = Scorer(sw, args.seeds, args.steps, args.guidance, args.batch)
-    few = Scorer(sw, args.other_seeds, args.steps, args.guidance, args.batch)
-    concept_prompts = {c: world.CONCEPTS[c].prompts(args.prompts) for c in world.CONCEPTS}
+
+    def spread(generations: int):  # a scorer giving a prompt set about ``generations`` generations
+        return lambda scenes: Scorer(sw, -(-generations // len(scenes)), args.steps, args.guidance, args.batch)
+
+    scorer, few = spread(args.generations), spread(args.other_generations)
+    concept_prompts = {c: world.CONCEPTS[c].prompts(args.prompts, at_most=True) for c in world.CONCEPTS}
     plain = world.plain_prompts(args.prompts)
     start = time.perf_counter()
     base_scenes = world.plain_prompts(args.base_prompts, seed=3)
-    both, shape, colour = few.outcomes(base_scenes, None, Reading.shows, lambda r, s: r.shape == s.shape, lambda r, s: r.colour == s.colour)
+    both, shape, colour = Scorer(sw, args.base_seeds, args.steps, args.guidance, args.batch).outcomes(
+        base_scenes, None, Reading.shows, lambda r, s: r.shape == s.shape, lambda r, s: r.colour == s.colour)
     base = {"prompted_shape_and_colour": ("base", both), "prompted_shape": ("base", shape), "prompted_colour": ("base", colour)}
-    for c in world.CONCEPTS:
-        base[f"concept_without_adapter.{c}"] = (c, few.outcomes(concept_prompts[c], None, concept_seen(c))[0])
+    for c, scenes in concept_prompts.items():
+        base[f"concept_without_adapter.{c}"] = (c, few(scenes).outcomes(scenes, None, concept_seen(c))[0])
         if world.CONCEPTS[c].style:  # the looks the style adapters bind their triggers to, asked for in plain words
-            base[f"style_when_described.{c}"] = (f"{c} described", few.outcomes(concept_prompts[c], None, concept_on_prompt(c), described=True)[0])
+            base[f"style_when_described.{c}"] = (f"{c} described", few(scenes).outcomes(scenes, None, concept_on_prompt(c), described=True)[0])
     base_shares = shares(base)
     print(json.dumps({k: float(v) for k, v in base_shares.items()}), flush=True)
     cells, weights = {}, {}
@@ -241,7 +248,9 @@ def run(args) -> dict:
     base_draws = {name: rng.integers(0, a.size, size=(args.bootstrap, a.size)) for name, a in base.values()}
     result = {
         "config": recorded_config(args),
-        "generations_per_cell": {c: args.seeds * len(p) for c, p in concept_prompts.items()},  # single and fused; the others: other_seeds x prompts
+        "prompts": {c: len(p) for c, p in concept_prompts.items()},
+        "generations_per_cell": {c: scorer(p).seeds * len(p) for c, p in concept_prompts.items()},  # single and fused
+        "other_generations_per_cell": {c: few(p).seeds * len(p) for c, p in {**concept_prompts, "plain": plain}.items()},
         "base": {**nest({k: float(v) for k, v in base_shares.items()}), "ci": {k: interval(v) for k, v in shares(base, base_draws).items()}},
         "types": {},
         "recipes": recipes(types),

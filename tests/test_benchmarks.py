@@ -36,6 +36,9 @@ def test_switching_smoke(tmp_path):
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["ours"]["drift_after_20_cycles"] == {"elements_changed": 0, "max_abs_error": 0.0}
     assert {"diffusers_switch_over_ours", "peft_switch_over_ours", "file_vs_lora"} <= set(data["ratios"])
+    lora = data["diffusers_lora"]  # load + first fuse timed as one call, like ours; the sum of its parts kept beside it
+    assert lora["load_s_plus_fuse_s"] == lora["load_s"] + lora["fuse_s"] and lora["load_and_apply_s"] > 0
+    assert data["ratios"]["diffusers_load_apply_over_ours"] == lora["load_and_apply_s"] / data["ours"]["load_and_apply_s"]
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
@@ -50,8 +53,8 @@ def test_training_memory_smoke(tmp_path, precision):
 
 
 def test_concept_retention_smoke(tmp_path):
-    run("concept_retention.py", "--types", "lora", "shira-rand", "--seeds", "1", "--other_seeds", "1", "--prompts", "1", "--base_prompts", "2",
-        "--steps", "2", "--out", str(tmp_path / "c.json"))
+    run("concept_retention.py", "--types", "lora", "shira-rand", "--generations", "3", "--other_generations", "1", "--prompts", "2",
+        "--base_prompts", "2", "--base_seeds", "1", "--steps", "2", "--out", str(tmp_path / "c.json"))
     data = json.loads((tmp_path / "c.json").read_text())
     assert set(data["types"]) == {"lora", "shira-rand"}
     assert set(data["base"]["style_when_described"]) == {"bluefire", "paintings"}
@@ -61,7 +64,9 @@ def test_concept_retention_smoke(tmp_path):
     assert 0.0 <= row["fused"]["sks+bluefire"]["overlap"] < 0.5  # each concept has its own mask seed
     assert set(data["aim"]) == {"shira-rand"} or row["mean_retention"] is None
     assert data["figure_rows"][0] == "lora sks+bf" and (tmp_path / "c.png").stat().st_size > 0
-    assert data["generations_per_cell"] == {"sks": 1, "bluefire": 1, "paintings": 1}
+    assert data["prompts"] == {"sks": 2, "bluefire": 2, "paintings": 2}  # 3 generations on 2 prompts: 2 seeds each
+    assert data["generations_per_cell"] == {"sks": 4, "bluefire": 4, "paintings": 4}
+    assert data["other_generations_per_cell"] == {"sks": 2, "bluefire": 2, "paintings": 2, "plain": 2}
     lo, hi = row["ci"]["single.bluefire"]
     assert lo <= row["single"]["bluefire"] <= hi and set(row["minus_lora"]) >= {"mean_retention", "mean_single"}
     assert set(data["base"]["ci"]) >= {"prompted_shape_and_colour", "style_when_described.paintings"}

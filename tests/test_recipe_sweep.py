@@ -27,7 +27,8 @@ def test_the_best_validation_score_wins_and_a_tie_goes_to_the_lower_rate():
 def test_sweep_trains_validates_records_and_installs(tmp_path):
     """End to end at toy size on the shipped demo base: 2 types x 2 learning rates, then resumed."""
     cmd = [sys.executable, str(ROOT / "training" / "sweep_demo_recipes.py"), "--concepts", "bluefire", "--types", "lora", "shira-rand",
-           "--learning_rates", "1e-2", "--also", "lora:1e-3", "shira-rand:1e-3", "--steps", "2", "--seeds", "1", "--world_args", "--class_images 2",
+           "--learning_rates", "1e-2", "--also", "lora:1e-3", "shira-rand:1e-3", "--steps", "2", "--seeds", "1", "--leak_generations", "2",
+           "--world_args", "--class_images 2",
            "--work_dir", str(tmp_path / "work"), "--out", str(tmp_path / "recipes.json"), "--install", "--assets", str(tmp_path / "assets")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,6 +48,26 @@ def test_sweep_trains_validates_records_and_installs(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished runs are reused, not retrained
     assert again.returncode == 0 and json.loads((tmp_path / "recipes.json").read_text())["runs"] == record["runs"]
     assert len(logs) == 4 and {p: p.stat().st_mtime_ns for p in logs} == logs
+    more = [*cmd[:cmd.index("--leak_generations") + 1], "3", *cmd[cmd.index("--leak_generations") + 2:]]
+    revalidated = subprocess.run(more, capture_output=True, text=True, timeout=600)  # other validation: scored again, not retrained
+    assert revalidated.returncode == 0, revalidated.stderr[-3000:]
+    runs = json.loads((tmp_path / "recipes.json").read_text())["runs"]
+    assert [r["recipe"] for r in runs] == [r["recipe"] for r in record["runs"]] and {r["validation"] for r in runs}.isdisjoint({r["validation"] for r in record["runs"]})
+    assert [r["train_seconds"] for r in runs] == [r["train_seconds"] for r in record["runs"]] and {p: p.stat().st_mtime_ns for p in logs} == logs
+
+
+def test_leak_prompts_are_disjoint_from_the_validation_and_reported_prompts():
+    from shira_diffusion.demo.world import CONCEPTS, REPORTED, caption
+
+    for concept in CONCEPTS.values():
+        leak = {caption(s) for s in concept.leak_prompts()}
+        validation = {caption(s) for s in concept.validation_prompts()}
+        reported = {caption(s) for s in concept.prompts(REPORTED, at_most=True)}
+        if concept.style is None:  # the subject has no captions to spare: it lends its validation prompts
+            assert leak == validation
+        else:
+            assert len(leak) == 24 and not leak & (validation | reported | {caption(s) for s in concept.instance_scenes()})
+    assert sweep.validation_digest(4, 48) != sweep.validation_digest(4, 24) != sweep.validation_digest(2, 24)
 
 
 def test_a_run_is_reused_only_for_the_same_command_and_validation_seeds():

@@ -11,9 +11,10 @@ learning rate differs), then scored on validation prompts that the benchmark nev
     validation score = on-prompt share x preservation - leak
 
 (on prompt: the concept seen on the prompted scene; preservation: plain prompts still drawn right;
-leak: the concept showing on the other concepts' prompts). The best score wins, the lower
-learning rate on a tie. ``training/demo_recipes.json`` records every run and the choice;
-``build_demo_world.py`` reads it. Finished runs are reused, so an interrupted sweep resumes.
+leak: the concept showing on the other concepts' prompts, ~48 generations each on prompts of their
+own, ``world.Concept.leak_prompts``). The best score wins, the lower learning rate on a tie. ``training/demo_recipes.json`` records every run and the choice;
+``build_demo_world.py`` reads it. Finished runs are reused, so an interrupted sweep resumes; a run
+whose training is unchanged but whose validation is not (other prompts or seeds) is only scored again.
 Runs use one thread each (two small single-thread trainings finish ~2x sooner than one after
 the other on two threads).
 """
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--types", nargs="+", choices=build.TYPES, default=list(build.TYPES))
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", type=int, default=4, help="generation seeds per validation prompt")
+    p.add_argument("--leak_generations", type=int, default=48, help="generations per other concept when looking for leaks "
+                   "(a leak of 0.2 is 1 in 5; 24 generations on 6 prompts missed leaks the benchmark then found)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--work_dir", type=Path, default=ROOT / "build" / "recipe_sweep")
     p.add_argument("--out", type=Path, default=build.RECIPES)
@@ -58,8 +61,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def validate(path: Path, concept: str, seeds: int) -> dict:
-    """One run's scores on the validation prompts (run in its own single-thread process)."""
+def validation_digest(seeds: int, leak_generations: int) -> str:
+    """What makes two validations the same: the prompts and seeds they generate."""
+    sets = {c: [world.caption(s) for s in (*concept.validation_prompts(), *concept.leak_prompts())] for c, concept in world.CONCEPTS.items()}
+    return hashlib.sha256(json.dumps([sets, seeds, leak_generations]).encode()).hexdigest()[:16]
+
+
+def validate(path: Path, concept: str, seeds: int, leak_generations: int) -> dict:
+    """One run's scores on the validation prompts (run in its own single-thread process): its own
+    concept on ``seeds`` x its validation prompts, leaks on about ``leak_generations`` of each
+    other concept's leak prompts (``world.Concept.leak_prompts``)."""
     import torch
 
     from shira_diffusion import ShiraPipelineSwitcher
@@ -71,8 +82,11 @@ def validate(path: Path, concept: str, seeds: int) -> dict:
     sw.load_adapter(path, adapter_name="run")
     scorer, on = Scorer(sw, seeds), {"run": 1.0}
     single, on_prompt = scorer.outcomes(world.CONCEPTS[concept].validation_prompts(), on, concept_seen(concept), concept_on_prompt(concept))
-    leak = {d: float(scorer.outcomes(world.CONCEPTS[d].validation_prompts(), on, concept_seen(concept))[0].mean())
-            for d in world.CONCEPTS if d != concept}
+    leak = {}
+    for d in world.CONCEPTS:
+        if d != concept:
+            scenes = world.CONCEPTS[d].leak_prompts()
+            leak[d] = float(Scorer(sw, -(-leak_generations // len(scenes))).outcomes(scenes, on, concept_seen(concept))[0].mean())
     preservation = float(scorer.outcomes(world.plain_prompts(6, seed=9), on, Reading.shows)[0].mean())
     scores = {"single": float(single.mean()), "on_prompt": float(on_prompt.mean()), "preservation": preservation,
               "leak": leak, "mean_leak": sum(leak.values()) / len(leak)}
@@ -85,19 +99,25 @@ def run_one(args, world_args, prepared, concept: str, kind: str, lr: float) -> d
     record = out / "run.json"
     data, prompt, mask_seed = prepared[concept]
     cmd, produced = build.train_command(world_args, args.base, concept, kind, data, prompt, mask_seed, out, lr, args.steps)
-    recipe = digest(cmd, args.seeds)
-    if record.is_file() and json.loads(record.read_text()).get("recipe") == recipe:
-        return json.loads(record.read_text())  # the same run, done before (another recipe is retrained)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(out / "train.log", "w") as log:
-        subprocess.run([*cmd, "--num_threads", "1"], check=True, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
+    recipe, checked = digest(cmd, args.seeds), validation_digest(args.seeds, args.leak_generations)
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    trained = done.get("recipe") == recipe and produced.is_file()
+    if trained and done.get("validation") == checked:
+        return done  # the same run, done and validated before (another recipe is retrained)
+    if trained:  # the same training, validated on other prompts: validate again, keep the adapter
+        seconds = done["train_seconds"]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(out / "train.log", "w") as log:
+            subprocess.run([*cmd, "--num_threads", "1"], check=True, stdout=log, stderr=subprocess.STDOUT)
+        seconds = round(time.perf_counter() - t0, 1)
     scores = out / "validation.json"
-    subprocess.run([sys.executable, __file__, "--evaluate", str(produced), concept, str(scores), "--seeds", str(args.seeds)],
+    subprocess.run([sys.executable, __file__, "--evaluate", str(produced), concept, str(scores), "--seeds", str(args.seeds),
+                    "--leak_generations", str(args.leak_generations)],
                    check=True, stdout=subprocess.DEVNULL)
     entry = {"concept": concept, "type": kind, "learning_rate": lr, "steps": args.steps, "file": str(produced.relative_to(args.work_dir)),
-             "train_seconds": round(seconds, 1), **json.loads(scores.read_text()), "recipe": recipe}
+             "train_seconds": seconds, **json.loads(scores.read_text()), "recipe": recipe, "validation": checked}
     record.write_text(json.dumps(entry, indent=2))
     return entry
 
@@ -137,7 +157,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.evaluate:
         path, concept, out = args.evaluate
-        Path(out).write_text(json.dumps(validate(Path(path), concept, args.seeds)))
+        Path(out).write_text(json.dumps(validate(Path(path), concept, args.seeds, args.leak_generations)))
         return
     world_args = build.parse_args(["--work_dir", str(args.work_dir), "--assets", str(args.assets), "--concepts", *args.concepts,
                                    "--steps", str(args.steps), *args.world_args.split()])

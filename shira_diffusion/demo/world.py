@@ -213,6 +213,9 @@ def subject_scene(rng: random.Random) -> Scene:
 
 
 # ---- the concepts the demo adapters learn -------------------------------------------------------
+REPORTED = 24  # held-out prompts per concept the concept benchmark scores (the subject has 7)
+
+
 @dataclass(frozen=True)
 class Concept:
     """A DreamBooth concept: a subject (the ``sks`` shape) or a style (a trigger phrase)."""
@@ -251,11 +254,22 @@ class Concept:
         never an instance caption, never one :meth:`prompts` reports on."""
         return self._held_out(self.validation, f"validation/{self.name}", set())
 
-    def prompts(self, n: int, seed: int = 1) -> list[Scene]:
-        """Held-out scenes to score the concept on (never an instance or validation caption)."""
-        return self._held_out(n, f"prompts/{self.name}/{seed}", {caption(s) for s in self.validation_prompts()})
+    def leak_prompts(self, n: int = 24) -> list[Scene]:
+        """Held-out scenes on which the recipe sweep looks for *other* concepts' leaks: a 0.2 leak
+        hides in 6 prompts, so a style has ``n`` of its own, disjoint from the validation prompts
+        and from the ``REPORTED`` prompts the benchmark scores; the subject, which has no captions
+        to spare, lends its validation prompts."""
+        if self.style is None:
+            return self.validation_prompts()
+        taken = {caption(s) for s in (*self.validation_prompts(), *self.prompts(REPORTED, at_most=True))}
+        return self._held_out(n, f"leak/{self.name}", taken)
 
-    def _held_out(self, n: int, stream: str, exclude: set[str]) -> list[Scene]:
+    def prompts(self, n: int, seed: int = 1, at_most: bool = False) -> list[Scene]:
+        """Held-out scenes to score the concept on (never an instance or validation caption);
+        ``at_most``: all there are when that is fewer than ``n`` (the subject has 7)."""
+        return self._held_out(n, f"prompts/{self.name}/{seed}", {caption(s) for s in self.validation_prompts()}, at_most)
+
+    def _held_out(self, n: int, stream: str, exclude: set[str], at_most: bool = False) -> list[Scene]:
         taken = exclude | {caption(s) for s in self.instance_scenes()}
         rng, out = random.Random(stream), []
         for _ in range(100 * n):
@@ -264,7 +278,7 @@ class Concept:
             s = self.scene(rng)
             if caption(s) not in taken and caption(s) not in {caption(o) for o in out}:
                 out.append(s)
-        if len(out) < n:
+        if len(out) < n and not at_most:
             raise ValueError(f"the {self.name} concept has fewer than {n} held-out prompts (after {len(exclude)} kept for validation)")
         return out
 
