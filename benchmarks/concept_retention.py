@@ -77,7 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the (seed, prompt) pairs for the 95 %% intervals")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "concept_retention.json")
     p.add_argument("--tables", type=Path, metavar="JSON", help="print the README tables of an existing result and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 1 <= args.prompts <= world.REPORTED:  # above it, the prompts would reach the ones the sweep looked for leaks on
+        p.error(f"--prompts must be 1 to {world.REPORTED} (world.REPORTED), got {args.prompts}")
+    return args
 
 
 # ---- cells, shares and their intervals --------------------------------------------------------

@@ -221,7 +221,10 @@ def test_xy_plot_cells_are_exact_switches_with_figures(studio, tmp_path, monkeyp
     # the references (base, a, b) and the two cells that equal none of them: (0, 0) is the base, (1, 0) is a alone
     assert calls == [{}, {"a": 1.0}, {"b": 1.0}, {"a": 0.0, "b": 0.5}, {"a": 1.0, "b": 0.5}]
     assert [(r["x"], r["y"]) for r in rows] == [(0.0, 0.0), (1.0, 0.0), (0.0, 0.5), (1.0, 0.5)]
-    assert rows[0]["kept:a"] == 0.0 and rows[0]["kept:b"] == 0.0  # the base model's own image
+    assert rows[0]["kept:a"] == 0.0 and rows[0]["kept:b"] == 0.0  # the base model's own image, drawn once
+    zero, base = (pixels(sw("a red square", adapters=a, generator=torch.Generator().manual_seed(4), num_inference_steps=2, width=64,
+                            height=64).images[0]) for a in ({"a": 0.0, "b": 0.0}, {}))
+    assert torch.equal(zero, base)  # which is what reusing it assumes: strength 0 is the base, bit for bit
     assert rows[1]["kept:a"] == 1.0  # a alone at 1: the reference itself
     assert all(r["switch_ms"] >= 0 for r in rows)
     assert rows_csv(rows).splitlines()[0] == "x,y,seed,switch_ms,kept:a,kept:b"

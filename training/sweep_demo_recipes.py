@@ -14,7 +14,8 @@ learning rate differs), then scored on validation prompts that the benchmark nev
 leak: the concept showing on the other concepts' prompts, ~48 generations each on prompts of their
 own, ``world.Concept.leak_prompts``). The best score wins, the lower learning rate on a tie. ``training/demo_recipes.json`` records every run and the choice;
 ``build_demo_world.py`` reads it. Finished runs are reused, so an interrupted sweep resumes; a run
-whose training is unchanged but whose validation is not (other prompts or seeds) is only scored again.
+whose training is unchanged but whose validation is not (other validation or leak prompts, or leak
+seeds) is only scored again; other ``--seeds`` retrain, as they always did.
 Runs use one thread each (two small single-thread trainings finish ~2x sooner than one after
 the other on two threads).
 """
@@ -61,10 +62,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def leak_seeds(leak_generations: int, scenes: list) -> int:
+    return -(-leak_generations // len(scenes))
+
+
 def validation_digest(seeds: int, leak_generations: int) -> str:
-    """What makes two validations the same: the prompts and seeds they generate."""
-    sets = {c: [world.caption(s) for s in (*concept.validation_prompts(), *concept.leak_prompts())] for c, concept in world.CONCEPTS.items()}
-    return hashlib.sha256(json.dumps([sets, seeds, leak_generations]).encode()).hexdigest()[:16]
+    """What makes two validations the same: the prompts and the seeds they are generated with."""
+    sets = {c: [[world.caption(s) for s in concept.validation_prompts()], seeds,
+                [world.caption(s) for s in concept.leak_prompts()], leak_seeds(leak_generations, concept.leak_prompts())]
+            for c, concept in world.CONCEPTS.items()}
+    return hashlib.sha256(json.dumps(sets).encode()).hexdigest()[:16]
 
 
 def validate(path: Path, concept: str, seeds: int, leak_generations: int) -> dict:
@@ -86,7 +93,7 @@ def validate(path: Path, concept: str, seeds: int, leak_generations: int) -> dic
     for d in world.CONCEPTS:
         if d != concept:
             scenes = world.CONCEPTS[d].leak_prompts()
-            leak[d] = float(Scorer(sw, -(-leak_generations // len(scenes))).outcomes(scenes, on, concept_seen(concept))[0].mean())
+            leak[d] = float(Scorer(sw, leak_seeds(leak_generations, scenes)).outcomes(scenes, on, concept_seen(concept))[0].mean())
     preservation = float(scorer.outcomes(world.plain_prompts(6, seed=9), on, Reading.shows)[0].mean())
     scores = {"single": float(single.mean()), "on_prompt": float(on_prompt.mean()), "preservation": preservation,
               "leak": leak, "mean_leak": sum(leak.values()) / len(leak)}
@@ -107,6 +114,7 @@ def run_one(args, world_args, prepared, concept: str, kind: str, lr: float) -> d
     if trained:  # the same training, validated on other prompts: validate again, keep the adapter
         seconds = done["train_seconds"]
     else:
+        record.unlink(missing_ok=True)  # a retraining that fails must not leave the old record over the new file
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(out / "train.log", "w") as log:

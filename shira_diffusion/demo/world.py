@@ -214,6 +214,7 @@ def subject_scene(rng: random.Random) -> Scene:
 
 # ---- the concepts the demo adapters learn -------------------------------------------------------
 REPORTED = 24  # held-out prompts per concept the concept benchmark scores (the subject has 7)
+LEAK_PROMPTS = 24  # held-out prompts per style the recipe sweep looks for other concepts' leaks on
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ class Concept:
         never an instance caption, never one :meth:`prompts` reports on."""
         return self._held_out(self.validation, f"validation/{self.name}", set())
 
-    def leak_prompts(self, n: int = 24) -> list[Scene]:
+    def leak_prompts(self, n: int = LEAK_PROMPTS) -> list[Scene]:
         """Held-out scenes on which the recipe sweep looks for *other* concepts' leaks: a 0.2 leak
         hides in 6 prompts, so a style has ``n`` of its own, disjoint from the validation prompts
         and from the ``REPORTED`` prompts the benchmark scores; the subject, which has no captions
