@@ -13,6 +13,7 @@ from shira_diffusion.demo.world import (
     COLOURS,
     CONCEPTS,
     POSITIONS,
+    REPORTED,
     SHAPES,
     STYLES,
     SUBJECT_COLOUR,
@@ -160,7 +161,7 @@ def test_instances_command_writes_images_with_captions(tmp_path, capsys):
 def test_validation_prompts_are_disjoint_from_the_reported_ones_and_the_instances():
     for concept in CONCEPTS.values():
         validation = [caption(s) for s in concept.validation_prompts()]
-        reported = [caption(s) for s in concept.prompts(24, at_most=True)]  # what the benchmark reports on
+        reported = [caption(s) for s in concept.prompts(REPORTED, at_most=True)]  # what the benchmark reports on
         instances = {caption(s) for s in concept.instance_scenes()}
         assert len(set(validation)) == concept.validation and len(set(reported)) == (7 if concept.style is None else 24)
         assert reported[:6] == [caption(s) for s in concept.prompts(6)]  # more prompts extend the same draw
